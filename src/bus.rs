@@ -1,0 +1,384 @@
+//! The API agents program against: open a root, create agents, send, receive (with waiting),
+//! acknowledge.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::envelope::{AgentId, Draft, Envelope, IdGen, Payload, now_micros, validate_type};
+use crate::layout::LayoutKind;
+use crate::root::{Root, RootError};
+use crate::store::{
+    AckReport, AckTarget, AgentError, AgentSettings, Depth, JsonlStore, Receipt, RecvError,
+    RecvRequest, Removed, SendError, Store,
+};
+use crate::wake::{Waiter, WakeMode};
+
+/// Default lease: an unacknowledged message is delivered again after 30 s.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// How long [`Bus::recv`] may block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Return at once, possibly with nothing.
+    No,
+    /// Block until at least one message is available.
+    Forever,
+    /// Block for at most this long.
+    For(Duration),
+}
+
+/// Options for receiving.
+#[derive(Debug, Clone, Copy)]
+pub struct RecvOptions {
+    /// At most this many messages.
+    pub max: usize,
+    /// Lease length (see [`DEFAULT_LEASE`]).
+    pub lease: Duration,
+    /// Whether to block when nothing is there.
+    pub wait: Wait,
+}
+
+impl Default for RecvOptions {
+    fn default() -> Self {
+        RecvOptions {
+            max: 1000,
+            lease: DEFAULT_LEASE,
+            wait: Wait::No,
+        }
+    }
+}
+
+/// Optional fields of a message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SendOptions<'a> {
+    /// Id of the message this one answers.
+    pub reply_to: Option<&'a str>,
+    /// Route travelled so far.
+    pub route: Option<&'a [String]>,
+}
+
+/// Why a bus could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The root was refused.
+    #[error(transparent)]
+    Root(#[from] RootError),
+    /// The root's layout has no store in this build.
+    #[error("{path}: the {layout} layout is not supported by this build of shoal", path = .path.display())]
+    UnsupportedLayout {
+        /// The root.
+        path: std::path::PathBuf,
+        /// Its layout.
+        layout: LayoutKind,
+    },
+    /// `SHOAL_WAKE` names no mechanism.
+    #[error("{0}")]
+    BadWakeMode(String),
+}
+
+/// A handle on one root's message bus. Cheap to clone; share it between threads.
+///
+/// # Examples
+/// ```
+/// # let dir = std::path::PathBuf::from(format!("/dev/shm/shoal-doc-bus-{}", std::process::id()));
+/// use shoal::{AgentId, Bus, RecvOptions};
+/// let bus = Bus::create(&dir)?;
+/// let (alice, bob) = (AgentId::new("alice")?, AgentId::new("bob")?);
+/// bus.init(&bob)?;
+/// let sent = bus.send_str(&alice, &bob, "hello", r#"{"n":1}"#)?;
+/// let got = bus.recv(&bob, &RecvOptions::default())?;
+/// assert_eq!(got[0].id, sent.id);
+/// assert_eq!(got[0].payload.get(), r#"{"n":1}"#);
+/// bus.ack(&bob, &[sent.id])?;
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: Root,
+    store: Box<dyn Store>,
+    wake: WakeMode,
+    max_payload: usize,
+    ids: IdGen,
+}
+
+impl Bus {
+    /// A bus over an opened root.
+    ///
+    /// # Errors
+    /// [`OpenError::UnsupportedLayout`]; [`OpenError::BadWakeMode`] for a bad `SHOAL_WAKE`.
+    pub fn open(root: Root) -> Result<Bus, OpenError> {
+        let store: Box<dyn Store> = match root.config().layout {
+            LayoutKind::Jsonl => Box::new(JsonlStore::new(root.layout().clone())),
+            layout => {
+                return Err(OpenError::UnsupportedLayout {
+                    path: root.path().to_owned(),
+                    layout,
+                });
+            }
+        };
+        let wake = WakeMode::from_env().map_err(OpenError::BadWakeMode)?;
+        Ok(Bus {
+            inner: Arc::new(Inner {
+                max_payload: root.config().max_payload,
+                root,
+                store,
+                wake,
+                ids: IdGen::new(),
+            }),
+        })
+    }
+
+    /// Open the root at `path`, creating it (JSONL layout) if needed.
+    ///
+    /// # Errors
+    /// As [`Root::create`] and [`Bus::open`].
+    pub fn create(path: &Path) -> Result<Bus, OpenError> {
+        Bus::open(Root::create(path, LayoutKind::Jsonl)?)
+    }
+
+    /// The default root ([`crate::root::resolve`]), created if needed.
+    ///
+    /// # Errors
+    /// As [`Bus::create`].
+    pub fn open_default() -> Result<Bus, OpenError> {
+        Bus::create(&crate::root::resolve(None))
+    }
+
+    /// The root.
+    pub fn root(&self) -> &Root {
+        &self.inner.root
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        &*self.inner.store
+    }
+
+    /// The payload cap applied by [`Bus::send_str`] and [`Bus::send_json`].
+    pub fn max_payload(&self) -> usize {
+        self.inner.max_payload
+    }
+
+    /// A handle with another payload cap.
+    pub fn with_max_payload(&self, cap: usize) -> Bus {
+        Bus {
+            inner: Arc::new(Inner {
+                root: self.inner.root.clone(),
+                store: Box::new(JsonlStore::new(self.inner.root.layout().clone())),
+                wake: self.inner.wake,
+                max_payload: cap,
+                ids: IdGen::new(),
+            }),
+        }
+    }
+
+    /// The settings a new agent gets: the root's defaults.
+    pub fn default_settings(&self) -> AgentSettings {
+        let c = self.inner.root.config();
+        AgentSettings {
+            shards: c.shards,
+            quota_msgs: c.quota_msgs,
+            quota_bytes: c.quota_bytes,
+        }
+    }
+
+    /// Create an agent (idempotent). Returns whether it was created now.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    pub fn init(&self, id: &AgentId) -> Result<bool, AgentError> {
+        self.inner.store.create_agent(id, &self.default_settings())
+    }
+
+    /// Create an agent with explicit settings; an existing agent gets the new quota.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    pub fn init_with(&self, id: &AgentId, settings: &AgentSettings) -> Result<bool, AgentError> {
+        self.inner.store.create_agent(id, settings)
+    }
+
+    /// Remove an agent and its inbox. `None` if it did not exist.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    pub fn remove(&self, id: &AgentId) -> Result<Option<Removed>, AgentError> {
+        self.inner.store.remove_agent(id)
+    }
+
+    /// Send a validated payload.
+    ///
+    /// # Errors
+    /// [`SendError`]: unknown recipient, invalid type, quota exceeded (nothing evicted), full
+    /// filesystem (nothing partial stored).
+    pub fn send(
+        &self,
+        from: &AgentId,
+        to: &AgentId,
+        kind: &str,
+        payload: &Payload,
+    ) -> Result<Receipt, SendError> {
+        self.send_with(from, to, kind, payload, &SendOptions::default())
+    }
+
+    /// Send with optional fields (reply-to, route).
+    ///
+    /// # Errors
+    /// As [`Bus::send`].
+    pub fn send_with(
+        &self,
+        from: &AgentId,
+        to: &AgentId,
+        kind: &str,
+        payload: &Payload,
+        opts: &SendOptions<'_>,
+    ) -> Result<Receipt, SendError> {
+        validate_type(kind)?;
+        let ts = now_micros();
+        let draft = Draft {
+            id: self.inner.ids.next(ts / 1_000_000),
+            from,
+            to,
+            kind,
+            ts,
+            payload,
+            reply_to: opts.reply_to,
+            route: opts.route,
+        };
+        self.inner.store.append(draft)
+    }
+
+    /// Send a payload given as JSON text (validated against the payload cap).
+    ///
+    /// # Errors
+    /// As [`Bus::send`], plus [`SendError::InvalidPayload`].
+    pub fn send_str(
+        &self,
+        from: &AgentId,
+        to: &AgentId,
+        kind: &str,
+        payload: &str,
+    ) -> Result<Receipt, SendError> {
+        let p = Payload::parse(payload, self.inner.max_payload)?;
+        self.send(from, to, kind, &p)
+    }
+
+    /// Send any serializable value as the payload.
+    ///
+    /// # Errors
+    /// As [`Bus::send_str`].
+    pub fn send_json<T: serde::Serialize + ?Sized>(
+        &self,
+        from: &AgentId,
+        to: &AgentId,
+        kind: &str,
+        payload: &T,
+    ) -> Result<Receipt, SendError> {
+        let p = Payload::from_serialize(payload, self.inner.max_payload)?;
+        self.send(from, to, kind, &p)
+    }
+
+    /// Receive, waiting as `opts.wait` says. Messages stay leased until acknowledged.
+    /// An empty result after waiting means the timeout passed.
+    ///
+    /// # Errors
+    /// [`RecvError`].
+    pub fn recv(&self, id: &AgentId, opts: &RecvOptions) -> Result<Vec<Envelope>, RecvError> {
+        let mut waiter = None;
+        self.recv_with(id, opts, &mut waiter)
+    }
+
+    /// [`Bus::recv`] reusing a waiter across calls (what a long-running receiver does).
+    ///
+    /// # Errors
+    /// As [`Bus::recv`].
+    pub fn recv_with(
+        &self,
+        id: &AgentId,
+        opts: &RecvOptions,
+        waiter: &mut Option<Waiter>,
+    ) -> Result<Vec<Envelope>, RecvError> {
+        let req = RecvRequest {
+            max: opts.max.max(1),
+            lease: opts.lease,
+        };
+        let deadline = match opts.wait {
+            Wait::No => return Ok(self.inner.store.receive(id, &req)?.messages),
+            Wait::Forever => None,
+            Wait::For(d) => Some(Instant::now() + d),
+        };
+        if waiter.is_none() {
+            let target = self.inner.store.wake_target(id)?;
+            let w =
+                Waiter::new(&target, self.inner.wake).map_err(RecvError::at(&target.watch_dir))?;
+            *waiter = Some(w);
+        }
+        let Some(w) = waiter.as_mut() else {
+            unreachable!("waiter set above")
+        };
+        loop {
+            w.prepare();
+            let batch = match self.inner.store.receive(id, &req) {
+                Ok(b) => b,
+                Err(e) => {
+                    w.disarm();
+                    return Err(e);
+                }
+            };
+            if !batch.messages.is_empty() {
+                w.disarm();
+                return Ok(batch.messages);
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                w.disarm();
+                return Ok(Vec::new());
+            }
+            // Sleep until the deadline, or until the earliest lease expires (nothing is written
+            // when a lease runs out, so nothing would wake us).
+            let mut sleep = deadline.map(|d| d - now);
+            if let Some(exp) = batch.next_expiry_ms {
+                let until = Duration::from_millis(exp.saturating_sub(now_micros() / 1000) + 1);
+                sleep = Some(sleep.map_or(until, |s| s.min(until)));
+            }
+            w.wait(sleep)
+                .map_err(RecvError::at(self.inner.root.path()))?;
+        }
+    }
+
+    /// Acknowledge messages by id.
+    ///
+    /// # Errors
+    /// [`RecvError`].
+    pub fn ack(&self, id: &AgentId, ids: &[String]) -> Result<AckReport, RecvError> {
+        self.inner.store.ack(id, AckTarget::Ids(ids))
+    }
+
+    /// Acknowledge every delivered, unacknowledged message.
+    ///
+    /// # Errors
+    /// [`RecvError`].
+    pub fn ack_all(&self, id: &AgentId) -> Result<AckReport, RecvError> {
+        self.inner.store.ack(id, AckTarget::AllDelivered)
+    }
+
+    /// Unacknowledged messages and bytes in an inbox.
+    ///
+    /// # Errors
+    /// [`RecvError::UnknownAgent`].
+    pub fn depth(&self, id: &AgentId) -> Result<Depth, RecvError> {
+        self.inner.store.depth(id)
+    }
+
+    /// The wake-up mechanism receivers of this bus use.
+    pub fn wake_mode(&self) -> WakeMode {
+        self.inner.wake
+    }
+}

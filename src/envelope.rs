@@ -1,0 +1,610 @@
+//! Wire types: agent ids, message ids and the message envelope (format version 1).
+//!
+//! # The envelope
+//!
+//! Every message is stored as one line of JSON, an [`Envelope`]. Fields, in the order written:
+//!
+//! | key | type | meaning |
+//! |---|---|---|
+//! | `v` | integer | envelope format version, currently `1` |
+//! | `id` | string | message id, `msg-<epoch-seconds>-<decimal suffix>`, unique across processes |
+//! | `from` | string | sending agent id |
+//! | `to` | string | receiving agent id |
+//! | `type` | string | message type chosen by the sender, 1-256 bytes |
+//! | `seq` | integer | per-(`from`, `to`) sequence, 1, 2, 3, ... in the order sent |
+//! | `ts` | integer | send time, microseconds since the Unix epoch |
+//! | `reply_to` | string, optional | id of the message this one answers (request/reply) |
+//! | `route` | array of strings, optional | agents the message travelled through, sender first |
+//! | `payload` | any JSON | the sender's payload, byte for byte (minified only if it spanned lines) |
+//! | `delivery` | integer, output only | how many times this message has been delivered; never stored |
+//!
+//! Readers ignore keys they do not know, so later versions may add optional keys without
+//! changing `v`; a change that breaks old readers bumps `v`.
+//!
+//! Example line:
+//!
+//! ```text
+//! {"v":1,"id":"msg-1795310779-1409286144017","from":"alice","to":"bob","type":"hello","seq":4,"ts":1795310779123456,"payload":{"n":1}}
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Envelope format version written by this build.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// Longest accepted message type, in bytes.
+pub const MAX_TYPE_LEN: usize = 256;
+
+/// Longest agent id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+/// A validated agent id: `^[A-Za-z0-9_-]{1,64}$`, not starting with `-`.
+///
+/// Agent ids become path components under the root, so nothing else may reach a path: no `/`,
+/// no `.`, no `..`, no empty string, nothing an argument parser could take for an option.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct AgentId(String);
+
+/// Why a string is not a valid agent id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid agent id {id:?}: {reason} (ids match ^[A-Za-z0-9_-]{{1,64}}$ and do not start with '-')"
+)]
+pub struct InvalidId {
+    /// The rejected input.
+    pub id: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl AgentId {
+    /// Validate `s` as an agent id.
+    ///
+    /// # Errors
+    /// [`InvalidId`] when `s` is empty, longer than 64 bytes, starts with `-`, or contains a byte
+    /// outside `[A-Za-z0-9_-]`.
+    ///
+    /// # Examples
+    /// ```
+    /// use shoal::AgentId;
+    /// assert!(AgentId::new("worker-07").is_ok());
+    /// assert!(AgentId::new("../evil").is_err());
+    /// assert!(AgentId::new("-rf").is_err());
+    /// ```
+    pub fn new(s: &str) -> Result<AgentId, InvalidId> {
+        let bad = |reason| {
+            Err(InvalidId {
+                id: s.to_owned(),
+                reason,
+            })
+        };
+        if s.is_empty() {
+            return bad("empty");
+        }
+        if s.len() > MAX_ID_LEN {
+            return bad("longer than 64 bytes");
+        }
+        if s.starts_with('-') {
+            return bad("starts with '-'");
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return bad("contains a character other than letters, digits, '_' and '-'");
+        }
+        Ok(AgentId(s.to_owned()))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for AgentId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for AgentId {
+    type Err = InvalidId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AgentId::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        AgentId::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Generates message ids `msg-<epoch-seconds>-<suffix>`.
+///
+/// The suffix is one decimal `u64`: the process id in the top 22 bits (Linux `pid_max` is at most
+/// 2^22) and a per-process counter in the low 42 bits that starts at a random value. Two live
+/// processes never share a pid, so their ids cannot collide; a recycled pid in the same second
+/// would also need its random counter window to overlap. The `msg-<seconds>-` prefix is the one
+/// scripts of the bash bus already parse.
+#[derive(Debug)]
+pub struct IdGen {
+    pid_bits: u64,
+    counter: AtomicU64,
+}
+
+const COUNTER_BITS: u32 = 42;
+const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;
+
+impl IdGen {
+    /// A generator for this process.
+    pub fn new() -> IdGen {
+        IdGen {
+            pid_bits: (u64::from(std::process::id()) & ((1 << 22) - 1)) << COUNTER_BITS,
+            counter: AtomicU64::new(crate::sys::random_u64() & COUNTER_MASK),
+        }
+    }
+
+    /// The process-wide generator.
+    pub fn global() -> &'static IdGen {
+        static GEN: std::sync::OnceLock<IdGen> = std::sync::OnceLock::new();
+        GEN.get_or_init(IdGen::new)
+    }
+
+    /// The next id, for a message sent at `epoch_seconds`.
+    pub fn next(&self, epoch_seconds: u64) -> String {
+        let c = self.counter.fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
+        let mut b = Vec::with_capacity(40);
+        b.extend_from_slice(b"msg-");
+        b.extend_from_slice(itoa(epoch_seconds).as_bytes());
+        b.push(b'-');
+        b.extend_from_slice(itoa(self.pid_bits | c).as_bytes());
+        String::from_utf8(b).unwrap_or_default() // ASCII by construction
+    }
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        IdGen::new()
+    }
+}
+
+/// Decimal formatting without going through `fmt` (used on the send path).
+pub(crate) fn itoa(mut n: u64) -> ItoaBuf {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    ItoaBuf {
+        buf,
+        start: i as u8,
+    }
+}
+
+/// A formatted decimal number, see [`itoa`].
+pub(crate) struct ItoaBuf {
+    buf: [u8; 20],
+    start: u8,
+}
+
+impl ItoaBuf {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start as usize..]
+    }
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// One stored message. See the [module documentation](self) for the line format.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Envelope format version.
+    pub v: u32,
+    /// Message id.
+    pub id: String,
+    /// Sender.
+    pub from: String,
+    /// Recipient.
+    pub to: String,
+    /// Message type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Per-(from, to) sequence number, starting at 1.
+    pub seq: u64,
+    /// Send time in microseconds since the Unix epoch.
+    pub ts: u64,
+    /// Id of the message this one replies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Agents the message passed through, sender first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Vec<String>>,
+    /// The payload, exactly as stored.
+    pub payload: Box<RawValue>,
+    /// Delivery count, present only on received messages, never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<u32>,
+}
+
+impl Envelope {
+    /// Parse one stored line (without its trailing newline).
+    ///
+    /// # Errors
+    /// The JSON error when the line is not an envelope.
+    pub fn parse(line: &[u8]) -> serde_json::Result<Envelope> {
+        serde_json::from_slice(line)
+    }
+
+    /// Send time in whole seconds since the Unix epoch.
+    pub fn epoch_seconds(&self) -> u64 {
+        self.ts / 1_000_000
+    }
+
+    /// The envelope as one JSON line, without a newline.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The fields of a message before the store gives it a sequence number.
+#[derive(Debug, Clone)]
+pub struct Draft<'a> {
+    /// Message id.
+    pub id: String,
+    /// Sender.
+    pub from: &'a AgentId,
+    /// Recipient.
+    pub to: &'a AgentId,
+    /// Message type (validated by [`validate_type`]).
+    pub kind: &'a str,
+    /// Send time in microseconds.
+    pub ts: u64,
+    /// Validated payload.
+    pub payload: &'a Payload,
+    /// Message this answers.
+    pub reply_to: Option<&'a str>,
+    /// Route so far.
+    pub route: Option<&'a [String]>,
+}
+
+impl Draft<'_> {
+    /// The JSON line split around the sequence number: `prefix + seq + suffix` is the full line,
+    /// newline included. The store fills in `seq` under the shard lock; everything costly is
+    /// done before the lock is taken.
+    pub fn encode_parts(&self, prefix: &mut Vec<u8>, suffix: &mut Vec<u8>) {
+        prefix.clear();
+        suffix.clear();
+        prefix.extend_from_slice(b"{\"v\":");
+        prefix.extend_from_slice(itoa(u64::from(ENVELOPE_VERSION)).as_bytes());
+        prefix.extend_from_slice(b",\"id\":");
+        write_json_str(prefix, &self.id);
+        prefix.extend_from_slice(b",\"from\":\"");
+        prefix.extend_from_slice(self.from.as_str().as_bytes()); // ids need no escaping
+        prefix.extend_from_slice(b"\",\"to\":\"");
+        prefix.extend_from_slice(self.to.as_str().as_bytes());
+        prefix.extend_from_slice(b"\",\"type\":");
+        write_json_str(prefix, self.kind);
+        prefix.extend_from_slice(b",\"seq\":");
+        suffix.extend_from_slice(b",\"ts\":");
+        suffix.extend_from_slice(itoa(self.ts).as_bytes());
+        if let Some(r) = self.reply_to {
+            suffix.extend_from_slice(b",\"reply_to\":");
+            write_json_str(suffix, r);
+        }
+        if let Some(route) = self.route {
+            suffix.extend_from_slice(b",\"route\":[");
+            for (i, hop) in route.iter().enumerate() {
+                if i > 0 {
+                    suffix.push(b',');
+                }
+                write_json_str(suffix, hop);
+            }
+            suffix.push(b']');
+        }
+        suffix.extend_from_slice(b",\"payload\":");
+        suffix.extend_from_slice(self.payload.as_str().as_bytes());
+        suffix.extend_from_slice(b"}\n");
+    }
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        // Printable ASCII without quote or backslash: nothing to escape (ids, common types).
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // serde_json's escaping; writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// Why a message type is rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidType {
+    /// The type is the empty string.
+    #[error("message type is empty")]
+    Empty,
+    /// The type is longer than [`MAX_TYPE_LEN`] bytes.
+    #[error("message type is {0} bytes, longer than {MAX_TYPE_LEN}")]
+    TooLong(usize),
+}
+
+/// Check a message type: 1 to [`MAX_TYPE_LEN`] bytes.
+///
+/// # Errors
+/// [`InvalidType`].
+pub fn validate_type(kind: &str) -> Result<(), InvalidType> {
+    if kind.is_empty() {
+        Err(InvalidType::Empty)
+    } else if kind.len() > MAX_TYPE_LEN {
+        Err(InvalidType::TooLong(kind.len()))
+    } else {
+        Ok(())
+    }
+}
+
+/// A payload that has been checked to be one JSON value, on one line, within the size cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload(String);
+
+/// Why a payload is rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// The payload is the empty string.
+    #[error("payload is empty (it must be a JSON value, e.g. '{{}}')")]
+    Empty,
+    /// The payload is larger than the cap.
+    #[error(
+        "payload is {size} bytes, over the {cap}-byte cap (raise it with --max-payload or SHOAL_MAX_PAYLOAD)"
+    )]
+    TooLarge {
+        /// Size of the rejected payload.
+        size: usize,
+        /// The cap in force.
+        cap: usize,
+    },
+    /// The payload is not valid JSON.
+    #[error("payload is not valid JSON: {0}")]
+    NotJson(serde_json::Error),
+}
+
+/// Default payload cap: 1 MiB, as the bash bus v1.1.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+impl Payload {
+    /// Validate `text` as a JSON value of at most `cap` bytes.
+    ///
+    /// The payload is kept byte for byte, except that a payload spanning several lines has the
+    /// whitespace outside its strings removed: one message must be one line.
+    ///
+    /// # Errors
+    /// [`PayloadError`].
+    ///
+    /// # Examples
+    /// ```
+    /// use shoal::Payload;
+    /// assert_eq!(Payload::parse("{\"n\": 1}", 1024).unwrap().as_str(), "{\"n\": 1}");
+    /// assert_eq!(Payload::parse("{\n  \"n\": 1\n}", 1024).unwrap().as_str(), "{\"n\":1}");
+    /// assert!(Payload::parse("not-json", 1024).is_err());
+    /// ```
+    pub fn parse(text: &str, cap: usize) -> Result<Payload, PayloadError> {
+        if text.is_empty() {
+            return Err(PayloadError::Empty);
+        }
+        if text.len() > cap {
+            return Err(PayloadError::TooLarge {
+                size: text.len(),
+                cap,
+            });
+        }
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(PayloadError::NotJson)?;
+        let trimmed = text.trim_matches(|c: char| c.is_ascii_whitespace());
+        if trimmed.contains(['\n', '\r']) {
+            Ok(Payload(minify(trimmed)))
+        } else {
+            Ok(Payload(trimmed.to_owned()))
+        }
+    }
+
+    /// A payload from a value that serializes to JSON.
+    ///
+    /// # Errors
+    /// [`PayloadError::TooLarge`] over `cap`; [`PayloadError::NotJson`] if serialization fails.
+    pub fn from_serialize<T: Serialize + ?Sized>(
+        value: &T,
+        cap: usize,
+    ) -> Result<Payload, PayloadError> {
+        let text = serde_json::to_string(value).map_err(PayloadError::NotJson)?;
+        if text.len() > cap {
+            return Err(PayloadError::TooLarge {
+                size: text.len(),
+                cap,
+            });
+        }
+        Ok(Payload(text))
+    }
+
+    /// The payload text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the payload is empty (never true for a validated payload).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Remove JSON whitespace outside strings. The input must be valid JSON.
+fn minify(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut in_str = false;
+    let mut escaped = false;
+    for c in json.chars() {
+        if in_str {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ids_have_the_scripted_prefix_and_are_unique_in_process() {
+        let g = IdGen::new();
+        let a = g.next(1_795_310_779);
+        let b = g.next(1_795_310_779);
+        assert!(a.starts_with("msg-1795310779-"), "{a}");
+        assert_ne!(a, b);
+        let suffix = a.rsplit('-').next().unwrap();
+        assert!(suffix.bytes().all(|b| b.is_ascii_digit()));
+    }
+
+    #[test]
+    fn encoded_line_parses_back() {
+        let from = AgentId::new("alice").unwrap();
+        let to = AgentId::new("bob").unwrap();
+        let payload = Payload::parse("{\"text\":\"a \\\"quoted\\\"\\nline\"}", 1024).unwrap();
+        let route = vec!["alice".to_owned(), "hub-0".to_owned()];
+        let d = Draft {
+            id: "msg-1-2".into(),
+            from: &from,
+            to: &to,
+            kind: "hello \"world\"",
+            ts: 1_795_310_779_123_456,
+            payload: &payload,
+            reply_to: Some("msg-0-1"),
+            route: Some(&route),
+        };
+        let (mut p, mut s) = (Vec::new(), Vec::new());
+        d.encode_parts(&mut p, &mut s);
+        let mut line = p.clone();
+        line.extend_from_slice(b"7");
+        line.extend_from_slice(&s);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(*line.last().unwrap(), b'\n');
+        let e = Envelope::parse(&line[..line.len() - 1]).unwrap();
+        assert_eq!(e.seq, 7);
+        assert_eq!(e.kind, "hello \"world\"");
+        assert_eq!(e.reply_to.as_deref(), Some("msg-0-1"));
+        assert_eq!(e.route.as_deref(), Some(&route[..]));
+        assert_eq!(e.payload.get(), payload.as_str());
+        assert_eq!(e.delivery, None);
+        // Serializing the parsed envelope gives the stored line back.
+        assert_eq!(e.to_line().as_bytes(), &line[..line.len() - 1]);
+    }
+
+    #[test]
+    fn payload_errors() {
+        assert!(matches!(Payload::parse("", 10), Err(PayloadError::Empty)));
+        assert!(matches!(
+            Payload::parse("not-json", 100),
+            Err(PayloadError::NotJson(_))
+        ));
+        assert!(matches!(
+            Payload::parse("{} {}", 100),
+            Err(PayloadError::NotJson(_))
+        ));
+        assert!(matches!(
+            Payload::parse("[1,2,3]", 3),
+            Err(PayloadError::TooLarge { size: 7, cap: 3 })
+        ));
+        assert_eq!(Payload::parse("  42\n", 100).unwrap().as_str(), "42");
+    }
+
+    proptest! {
+        #[test]
+        fn valid_ids_are_single_safe_components(s in "\\PC{0,80}") {
+            if let Ok(id) = AgentId::new(&s) {
+                prop_assert!(!id.as_str().is_empty() && id.as_str().len() <= 64);
+                prop_assert!(!id.as_str().starts_with('-'));
+                prop_assert!(id.as_str() != "." && id.as_str() != "..");
+                let p = std::path::Path::new(id.as_str());
+                prop_assert_eq!(p.components().count(), 1);
+                prop_assert!(matches!(p.components().next(), Some(std::path::Component::Normal(_))));
+            }
+        }
+
+        #[test]
+        fn id_regex_is_exactly_the_accepted_set(s in "[A-Za-z0-9_.\\-/ ]{0,70}") {
+            let expect = !s.is_empty() && s.len() <= 64 && !s.starts_with('-')
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            prop_assert_eq!(AgentId::new(&s).is_ok(), expect);
+        }
+
+        #[test]
+        fn minified_payload_is_one_line_and_same_value(v in arb_json()) {
+            let pretty = serde_json::to_string_pretty(&v).unwrap();
+            let p = Payload::parse(&pretty, usize::MAX).unwrap();
+            prop_assert!(!p.as_str().contains('\n'));
+            let back: serde_json::Value = serde_json::from_str(p.as_str()).unwrap();
+            prop_assert_eq!(back, v);
+        }
+    }
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[ -~\\n\\t\"\\\\]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z \\n]{0,5}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+}

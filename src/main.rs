@@ -1,0 +1,89 @@
+//! The `shoal` command: parse arguments, call the library, map errors to exit codes.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Local agents coordinating through JSONL inboxes on tmpfs.
+///
+/// Root directory: --root, else SHOAL_ROOT, else MESSAGE_BASE_DIR, else /dev/shm/shoal-<uid>.
+/// Exit status: 0 ok, 1 error, 75 inbox full (retry later), 124 `recv --wait` timed out.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, max_term_width = 100)]
+struct Cli {
+    /// Root directory (default: SHOAL_ROOT, MESSAGE_BASE_DIR, /dev/shm/shoal-<uid>).
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
+
+    /// Log on stderr as the bash message-bus.sh does (`[HH:MM:SS] [MESSAGE-BUS] ...`).
+    #[arg(long, global = true, env = "SHOAL_BASH_LOGS", value_parser = clap::builder::FalseyValueParser::new())]
+    bash_logs: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create agents and their inboxes (idempotent).
+    Init(cli::bus::InitArgs),
+    /// Send one message; prints its id.
+    Send(cli::bus::SendArgs),
+    /// Receive messages as JSON lines, oldest first; they stay leased until acknowledged.
+    Recv(cli::bus::RecvArgs),
+    /// Acknowledge received messages.
+    Ack(cli::bus::AckArgs),
+    /// Serve as an agent that answers every message it receives (for demos and benchmarks).
+    Echo(cli::bus::EchoArgs),
+    /// List agents with inbox depth and messages sent.
+    Agents(cli::bus::AgentsArgs),
+    /// message-bus.sh `receive`: all unacknowledged messages as a JSON array (does not consume).
+    Receive(cli::verbs::IdArg),
+    /// message-bus.sh `clear`: remove what the last `receive` returned (or everything).
+    Clear(cli::verbs::IdArg),
+    /// message-bus.sh `count`: messages in the inbox, or sent (`outbox`).
+    Count(cli::verbs::CountArgs),
+    /// message-bus.sh `cleanup`: remove an agent and its inbox.
+    Cleanup(cli::verbs::IdArg),
+    /// message-bus.sh `init-system`: create the root.
+    InitSystem,
+    /// message-bus.sh `cleanup-system`: remove the whole root.
+    CleanupSystem,
+    /// Run a real demo: agent processes on the root, coordination rounds, throughput.
+    Demo(cli::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                // Missing or malformed arguments: status 1, as message-bus.sh.
+                _ => 1,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let ctx = cli::Ctx::new(cli.root, cli.bash_logs);
+    let result = match cli.command {
+        Command::Init(a) => cli::bus::init(&ctx, a),
+        Command::Send(a) => cli::bus::send(&ctx, a),
+        Command::Recv(a) => cli::bus::recv(&ctx, a),
+        Command::Ack(a) => cli::bus::ack(&ctx, a),
+        Command::Echo(a) => cli::bus::echo(&ctx, a),
+        Command::Agents(a) => cli::bus::agents(&ctx, a),
+        Command::Receive(a) => cli::verbs::receive(&ctx, a),
+        Command::Clear(a) => cli::verbs::clear(&ctx, a),
+        Command::Count(a) => cli::verbs::count(&ctx, a),
+        Command::Cleanup(a) => cli::verbs::cleanup(&ctx, a),
+        Command::InitSystem => cli::verbs::init_system(&ctx),
+        Command::CleanupSystem => cli::verbs::cleanup_system(&ctx),
+        Command::Demo(a) => cli::demo::run(&ctx, a),
+    };
+    ExitCode::from(ctx.finish(result) as u8)
+}

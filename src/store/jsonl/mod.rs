@@ -1,0 +1,344 @@
+//! The recommended store: each inbox is N append-only JSONL shard files on tmpfs.
+//!
+//! A sender appends to the shard chosen by its own id ([`crate::store::shard_of`]), under that
+//! shard's `flock`, so concurrent senders rarely contend and each (from, to) pair stays in order.
+//! The receiver reads every shard from its cursors, merging by send time. See [`meta`] for the
+//! shared table that lets a send cost one `flock`, one `write` and one unlock, and [`state`] for
+//! the receiver's leases.
+
+pub(crate) mod meta;
+mod recv;
+mod send;
+pub(crate) mod state;
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::envelope::{AgentId, Draft, Envelope};
+use crate::journal::Journal;
+use crate::layout::Layout;
+use crate::store::{
+    AckReport, AckTarget, AgentError, AgentSettings, Batch, Depth, IdMap, Receipt, RecvError,
+    RecvRequest, Removed, SendError, Store,
+};
+use crate::wake::WakeTarget;
+
+use meta::{Meta, ShardField};
+
+/// Sharded JSONL inboxes under one root.
+#[derive(Debug)]
+pub struct JsonlStore {
+    /// Distinguishes store instances in per-thread caches.
+    instance: u64,
+    layout: Layout,
+    inboxes: Mutex<IdMap<Arc<Inbox>>>,
+}
+
+/// One agent's open inbox: its meta mapping and lazily opened shard files. Cached per process.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    id: AgentId,
+    dir: PathBuf,
+    meta: Meta,
+    bell: crate::wake::Doorbell,
+    shards: Vec<OnceLock<Journal>>,
+    /// Threads of one process share one open file, and `flock` does not exclude them from each
+    /// other: this mutex does.
+    append_locks: Vec<Mutex<()>>,
+    /// Sender id -> sequence slot, so a slot is looked up once per process.
+    slots: Mutex<IdMap<usize>>,
+    recv_lock: OnceLock<File>,
+    /// Excludes this process's threads from each other (flock does not), and caches the
+    /// receiver state with the generation it was read or written at.
+    recv_cache: Mutex<Option<(u64, state::RecvState)>>,
+}
+
+impl Inbox {
+    fn open(layout: &Layout, id: &AgentId) -> io::Result<Option<Inbox>> {
+        let dir = layout.agent_dir(id);
+        let Some(meta) = Meta::open(&Layout::meta_in(&dir))? else {
+            return Ok(None);
+        };
+        let n = meta.shards();
+        Ok(Some(Inbox {
+            id: id.clone(),
+            dir,
+            bell: meta.doorbell(),
+            meta,
+            shards: (0..n).map(|_| OnceLock::new()).collect(),
+            append_locks: (0..n).map(|_| Mutex::new(())).collect(),
+            slots: Mutex::new(IdMap::default()),
+            recv_lock: OnceLock::new(),
+            recv_cache: Mutex::new(None),
+        }))
+    }
+
+    fn shard_path(&self, s: usize) -> PathBuf {
+        Layout::shard_in(&self.dir, s)
+    }
+
+    /// Shard `s`, opened on first use.
+    fn shard(&self, s: usize) -> io::Result<&Journal> {
+        if let Some(j) = self.shards[s].get() {
+            return Ok(j);
+        }
+        let j = Journal::open(&self.shard_path(s), false)?; // once per shard per process
+        Ok(self.shards[s].get_or_init(|| j))
+    }
+
+    fn slot(&self, from: &AgentId) -> Result<usize, meta::SlotError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&i) = slots.get(from) {
+            return Ok(i);
+        }
+        let i = self.meta.slot_for(from)?;
+        slots.insert(from.clone(), i);
+        Ok(i)
+    }
+}
+
+impl JsonlStore {
+    /// The store of the root laid out by `layout`.
+    pub fn new(layout: Layout) -> JsonlStore {
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        JsonlStore {
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+            layout,
+            inboxes: Mutex::new(IdMap::default()),
+        }
+    }
+
+    /// The open inbox of `id`, or `None` if there is no such agent. A cached inbox whose agent
+    /// was removed (by any process) is dropped and looked up again.
+    pub(crate) fn inbox(&self, id: &AgentId) -> io::Result<Option<Arc<Inbox>>> {
+        let mut map = self.inboxes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ib) = map.get(id) {
+            if !ib.meta.removed() {
+                return Ok(Some(Arc::clone(ib)));
+            }
+            map.remove(id);
+        }
+        match Inbox::open(&self.layout, id)? {
+            Some(ib) => {
+                let ib = Arc::new(ib);
+                map.insert(id.clone(), Arc::clone(&ib));
+                Ok(Some(ib))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn existing(&self, id: &AgentId) -> Result<Arc<Inbox>, RecvError> {
+        self.inbox(id)
+            .map_err(RecvError::at(self.layout.agent_dir(id)))?
+            .ok_or_else(|| RecvError::UnknownAgent(id.clone()))
+    }
+
+    fn assemble(&self, dir: &Path, settings: &AgentSettings) -> Result<(), AgentError> {
+        mkdir_private(dir).map_err(AgentError::at(dir))?;
+        let inbox = Layout::inbox_in(dir);
+        mkdir_private(&inbox).map_err(AgentError::at(&inbox))?;
+        for s in 0..settings.shards as usize {
+            let p = Layout::shard_in(dir, s);
+            create_private_file(&p).map_err(AgentError::at(&p))?;
+        }
+        let m = Layout::meta_in(dir);
+        Meta::create(&m, settings).map_err(AgentError::at(&m))
+    }
+}
+
+/// `mkdir` mode 0700 exactly, whatever the umask.
+pub(crate) fn mkdir_private(path: &Path) -> io::Result<()> {
+    DirBuilder::new().mode(0o700).create(path)?;
+    crate::sys::set_mode(&File::open(path)?, 0o700)
+}
+
+/// Create an empty file mode 0600 exactly; fails if it exists.
+pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    crate::sys::set_mode(&f, 0o600)?;
+    Ok(f)
+}
+
+/// Write `bytes` to `tmp` (mode 0600) and rename it over `dest`: readers see the old or the new
+/// file, never a mix, even if this process is killed half way. The caller holds a lock that
+/// makes it the only writer of `tmp`.
+pub(crate) fn replace_file(tmp: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(tmp)?;
+    crate::sys::set_mode(&f, 0o600)?;
+    if let Err(e) = f.write_all(bytes) {
+        drop(f);
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    drop(f);
+    fs::rename(tmp, dest)
+}
+
+impl Store for JsonlStore {
+    fn create_agent(&self, id: &AgentId, settings: &AgentSettings) -> Result<bool, AgentError> {
+        let agents = self.layout.agents_dir();
+        match mkdir_private(&agents) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(AgentError::at(&agents)(e)),
+        }
+        let update = |ib: Arc<Inbox>| {
+            ib.meta.set_quota(settings.quota_msgs, settings.quota_bytes);
+            false
+        };
+        if let Some(ib) = self
+            .inbox(id)
+            .map_err(AgentError::at(self.layout.agent_dir(id)))?
+        {
+            return Ok(update(ib));
+        }
+        let staging = self.layout.staging_dir(id, crate::sys::random_u64());
+        if let Err(e) = self.assemble(&staging, settings) {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        let dest = self.layout.agent_dir(id);
+        match fs::rename(&staging, &dest) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&staging);
+                if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) {
+                    // Another process created it first: same outcome as if we had.
+                    match self.inbox(id).map_err(AgentError::at(&dest))? {
+                        Some(ib) => Ok(update(ib)),
+                        None => Err(AgentError::at(&dest)(e)),
+                    }
+                } else {
+                    Err(AgentError::at(&dest)(e))
+                }
+            }
+        }
+    }
+
+    fn agent_exists(&self, id: &AgentId) -> bool {
+        matches!(self.inbox(id), Ok(Some(_)))
+    }
+
+    fn remove_agent(&self, id: &AgentId) -> Result<Option<Removed>, AgentError> {
+        let dir = self.layout.agent_dir(id);
+        let Some(ib) = self.inbox(id).map_err(AgentError::at(&dir))? else {
+            return Ok(None);
+        };
+        let depth = self.depth(id).unwrap_or_default();
+        let removed = Removed {
+            inbox: depth.msgs,
+            sent: ib.meta.sent().load(Ordering::Relaxed),
+        };
+        {
+            // Hold every shard lock while flagging removal: a sender that gets a lock after this
+            // sees the flag and reports an unknown recipient instead of writing into the void.
+            let mut guards = Vec::new();
+            for s in 0..ib.meta.shards() {
+                let m = ib.append_locks[s].lock().unwrap_or_else(|e| e.into_inner());
+                let j = ib.shard(s).map_err(AgentError::at(ib.shard_path(s)))?;
+                let g = j.lock().map_err(AgentError::at(ib.shard_path(s)))?;
+                guards.push((m, g));
+            }
+            ib.meta.mark_removed();
+            ib.bell.ring();
+        }
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let trash = self.layout.trash_dir(id, crate::sys::random_u64());
+        match fs::rename(&dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(AgentError::at(&dir)(e)),
+        }
+        fs::remove_dir_all(&trash).map_err(AgentError::at(&trash))?;
+        Ok(Some(removed))
+    }
+
+    fn agents(&self) -> Result<Vec<AgentId>, AgentError> {
+        let dir = self.layout.agents_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(AgentError::at(&dir)(e)),
+        };
+        let mut out: Vec<AgentId> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| AgentId::new(&e.file_name().to_string_lossy()).ok())
+            .filter(|id| Layout::meta_in(&self.layout.agent_dir(id)).exists())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    fn append(&self, draft: Draft<'_>) -> Result<Receipt, SendError> {
+        send::append(self, draft)
+    }
+
+    fn receive(&self, id: &AgentId, req: &RecvRequest) -> Result<Batch, RecvError> {
+        recv::receive(&*self.existing(id)?, &self.layout, req)
+    }
+
+    fn ack(&self, id: &AgentId, target: AckTarget<'_>) -> Result<AckReport, RecvError> {
+        recv::ack(&*self.existing(id)?, &self.layout, target)
+    }
+
+    fn peek_all(&self, id: &AgentId) -> Result<Vec<Envelope>, RecvError> {
+        recv::peek_all(&*self.existing(id)?, &self.layout)
+    }
+
+    fn clear(&self, id: &AgentId) -> Result<u64, RecvError> {
+        recv::clear(&*self.existing(id)?, &self.layout)
+    }
+
+    fn depth(&self, id: &AgentId) -> Result<Depth, RecvError> {
+        let (msgs, bytes) = self.existing(id)?.meta.pending();
+        Ok(Depth { msgs, bytes })
+    }
+
+    fn sent_count(&self, id: &AgentId) -> Result<u64, RecvError> {
+        Ok(self.existing(id)?.meta.sent().load(Ordering::Relaxed))
+    }
+
+    fn wake_target(&self, id: &AgentId) -> Result<WakeTarget, RecvError> {
+        let ib = self.existing(id)?;
+        Ok(WakeTarget {
+            watch_dir: Layout::inbox_in(&ib.dir),
+            doorbell: ib.bell.clone(),
+        })
+    }
+}
+
+impl Inbox {
+    /// Mirror the receiver's acknowledged prefix and count into the meta table (for quotas and
+    /// `count`). Derived data: rewritten in full after every state change.
+    fn publish(&self, st: &state::RecvState) {
+        for (s, c) in st.shards.iter().enumerate().take(self.meta.shards()) {
+            self.meta
+                .shard(s, ShardField::AckedBytes)
+                .store(c.acked_prefix(), Ordering::Release);
+            self.meta
+                .shard(s, ShardField::AckedMsgs)
+                .store(c.acked_msgs, Ordering::Release);
+        }
+    }
+}

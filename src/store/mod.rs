@@ -1,0 +1,363 @@
+//! Inbox stores: the on-disk layouts behind one trait.
+//!
+//! [`Store`] is what the bus programs against. [`JsonlStore`] (sharded JSONL inboxes) is the
+//! recommended implementation; a second layout, one file per message as the bash bus wrote
+//! them, implements the same trait, and one conformance suite runs against both.
+//!
+//! # Delivery model
+//!
+//! At-least-once. A received message is *leased* to the receiver until it is acknowledged; a
+//! lease that expires makes the message deliverable again, with its delivery count raised by one.
+//! Acknowledged bytes are reclaimed. A send over the inbox quota fails; nothing is evicted.
+
+pub mod jsonl;
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::envelope::{AgentId, Draft, Envelope, InvalidType, PayloadError};
+use crate::wake::WakeTarget;
+
+pub use jsonl::JsonlStore;
+
+/// Per-agent settings fixed when the agent is created (and updatable by re-running `init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// Shard files in the inbox.
+    pub shards: u32,
+    /// Quota: most unconsumed messages.
+    pub quota_msgs: u64,
+    /// Quota: most unconsumed bytes.
+    pub quota_bytes: u64,
+}
+
+/// The result of a successful send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The message id, as printed by `shoal send`.
+    pub id: String,
+    /// Its per-(from, to) sequence number.
+    pub seq: u64,
+}
+
+/// What to receive.
+#[derive(Debug, Clone, Copy)]
+pub struct RecvRequest {
+    /// At most this many messages.
+    pub max: usize,
+    /// Lease length: unacknowledged messages are delivered again after it.
+    pub lease: Duration,
+}
+
+/// Messages handed out by one receive.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Envelopes, oldest first, each with `delivery` set.
+    pub messages: Vec<Envelope>,
+    /// Lines that were not valid envelopes and were skipped (and counted as consumed).
+    pub corrupt: u64,
+    /// Milliseconds since the epoch at which the earliest outstanding lease expires, if any:
+    /// a waiting receiver must look again by then even if nothing new arrives.
+    pub next_expiry_ms: Option<u64>,
+}
+
+/// Which messages to acknowledge.
+#[derive(Debug, Clone, Copy)]
+pub enum AckTarget<'a> {
+    /// These message ids.
+    Ids(&'a [String]),
+    /// Every message delivered and not yet acknowledged.
+    AllDelivered,
+}
+
+/// The result of an acknowledgement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AckReport {
+    /// Messages acknowledged.
+    pub acked: usize,
+    /// Ids that were not outstanding (never delivered, already acknowledged, or unknown).
+    pub unknown: Vec<String>,
+}
+
+/// How full an inbox is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// Messages stored and not yet acknowledged.
+    pub msgs: u64,
+    /// Bytes not yet reclaimed.
+    pub bytes: u64,
+}
+
+/// What removing an agent discarded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Unacknowledged messages that were in its inbox.
+    pub inbox: u64,
+    /// Messages it had sent.
+    pub sent: u64,
+}
+
+/// Why a send failed. The message was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No agent with that id (run `shoal init` first).
+    #[error("unknown recipient {0}: no such agent (create it with `shoal init {0}`)")]
+    UnknownRecipient(AgentId),
+    /// The payload was rejected.
+    #[error(transparent)]
+    InvalidPayload(#[from] PayloadError),
+    /// The message type was rejected.
+    #[error(transparent)]
+    InvalidType(#[from] InvalidType),
+    /// The recipient's inbox is at its quota; consume (and ack) messages, or raise the quota.
+    #[error(
+        "inbox of {to} is full: {pending_msgs} messages / {pending_bytes} bytes unconsumed, quota \
+         {quota_msgs} messages / {quota_bytes} bytes; nothing was evicted, retry later"
+    )]
+    QuotaExceeded {
+        /// The recipient.
+        to: AgentId,
+        /// Unconsumed messages now.
+        pending_msgs: u64,
+        /// Unconsumed bytes now.
+        pending_bytes: u64,
+        /// Quota in messages.
+        quota_msgs: u64,
+        /// Quota in bytes.
+        quota_bytes: u64,
+    },
+    /// The filesystem is full (`ENOSPC`). Nothing partial was left; stored messages are intact.
+    #[error("{path}: no space left on device; message not sent (stored messages are intact)", path = .path.display())]
+    StoreFull {
+        /// The file that could not grow.
+        path: PathBuf,
+    },
+    /// The recipient has had messages from more distinct senders than its sequence table holds.
+    #[error(
+        "inbox of {to} tracks sequence numbers for at most {capacity} distinct senders; {from} would exceed it"
+    )]
+    TooManySenders {
+        /// The recipient.
+        to: AgentId,
+        /// The new sender.
+        from: AgentId,
+        /// Table capacity.
+        capacity: usize,
+    },
+    /// Any other I/O error.
+    #[error("{path}: {source}", path = .path.display())]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Why receiving, acknowledging or inspecting an inbox failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// No agent with that id.
+    #[error("unknown agent {0}: no such inbox (create it with `shoal init {0}`)")]
+    UnknownAgent(AgentId),
+    /// The receiver state file could not be understood.
+    #[error("{path}: corrupt receiver state: {detail}", path = .path.display())]
+    CorruptState {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The filesystem is full; the receiver state could not be saved, nothing was handed out.
+    #[error("{path}: no space left on device (nothing was delivered or acknowledged)", path = .path.display())]
+    StoreFull {
+        /// The file that could not be written.
+        path: PathBuf,
+    },
+    /// Any other I/O error.
+    #[error("{path}: {source}", path = .path.display())]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Why creating or removing an agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The filesystem is full.
+    #[error("{path}: no space left on device", path = .path.display())]
+    StoreFull {
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// Any other I/O error.
+    #[error("{path}: {source}", path = .path.display())]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl AgentError {
+    /// A mapper from an I/O error at `path`; the path is only copied if an error happens.
+    pub(crate) fn at<P: AsRef<std::path::Path>>(path: P) -> impl FnOnce(io::Error) -> AgentError {
+        move |source| {
+            let path = path.as_ref().to_owned();
+            if crate::sys::is_no_space(&source) {
+                AgentError::StoreFull { path }
+            } else {
+                AgentError::Io { path, source }
+            }
+        }
+    }
+}
+
+impl RecvError {
+    /// A mapper from an I/O error at `path`; the path is only copied if an error happens.
+    pub(crate) fn at<P: AsRef<std::path::Path>>(path: P) -> impl FnOnce(io::Error) -> RecvError {
+        move |source| {
+            let path = path.as_ref().to_owned();
+            if crate::sys::is_no_space(&source) {
+                RecvError::StoreFull { path }
+            } else {
+                RecvError::Io { path, source }
+            }
+        }
+    }
+}
+
+impl SendError {
+    /// A mapper from an I/O error at `path`; the path is only copied if an error happens.
+    pub(crate) fn at<P: AsRef<std::path::Path>>(path: P) -> impl FnOnce(io::Error) -> SendError {
+        move |source| {
+            let path = path.as_ref().to_owned();
+            if crate::sys::is_no_space(&source) {
+                SendError::StoreFull { path }
+            } else {
+                SendError::Io { path, source }
+            }
+        }
+    }
+}
+
+/// An inbox layout. Every method is safe to call from many threads and many processes at once.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Create an agent and its empty inbox. Returns `false` if it already existed (its quota is
+    /// then updated to `settings`, its messages untouched).
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    fn create_agent(&self, id: &AgentId, settings: &AgentSettings) -> Result<bool, AgentError>;
+
+    /// Whether the agent exists.
+    fn agent_exists(&self, id: &AgentId) -> bool;
+
+    /// Remove an agent and everything in its inbox. `None` if it did not exist.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    fn remove_agent(&self, id: &AgentId) -> Result<Option<Removed>, AgentError>;
+
+    /// All agents, sorted.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    fn agents(&self) -> Result<Vec<AgentId>, AgentError>;
+
+    /// Store one message in `draft.to`'s inbox, giving it the next sequence number of
+    /// (`draft.from`, `draft.to`).
+    ///
+    /// # Errors
+    /// [`SendError`]; the message is not stored.
+    fn append(&self, draft: Draft<'_>) -> Result<Receipt, SendError>;
+
+    /// Lease up to `req.max` deliverable messages (new ones, and ones whose lease expired),
+    /// oldest first. Returns an empty batch when there are none; never blocks.
+    ///
+    /// # Errors
+    /// [`RecvError`]; nothing is leased.
+    fn receive(&self, id: &AgentId, req: &RecvRequest) -> Result<Batch, RecvError>;
+
+    /// Acknowledge messages: they are never delivered again and their space is reclaimed.
+    ///
+    /// # Errors
+    /// [`RecvError`].
+    fn ack(&self, id: &AgentId, target: AckTarget<'_>) -> Result<AckReport, RecvError>;
+
+    /// Every unacknowledged message (leased or not), oldest first, without leasing any; remembers
+    /// what it returned for [`Store::clear`]. The bash bus's `receive`.
+    ///
+    /// # Errors
+    /// [`RecvError`].
+    fn peek_all(&self, id: &AgentId) -> Result<Vec<Envelope>, RecvError>;
+
+    /// Acknowledge exactly what the last [`Store::peek_all`] returned, or everything stored now
+    /// if there was none. Returns how many messages were removed. The bash bus's `clear`.
+    ///
+    /// # Errors
+    /// [`RecvError`].
+    fn clear(&self, id: &AgentId) -> Result<u64, RecvError>;
+
+    /// Unacknowledged messages and bytes in the inbox.
+    ///
+    /// # Errors
+    /// [`RecvError::UnknownAgent`] if there is no such agent.
+    fn depth(&self, id: &AgentId) -> Result<Depth, RecvError>;
+
+    /// How many messages the agent has sent (the bash bus's `count <id> outbox`).
+    ///
+    /// # Errors
+    /// [`RecvError::UnknownAgent`] if there is no such agent.
+    fn sent_count(&self, id: &AgentId) -> Result<u64, RecvError>;
+
+    /// What a receiver waits on to learn of new messages.
+    ///
+    /// # Errors
+    /// [`RecvError::UnknownAgent`] if there is no such agent.
+    fn wake_target(&self, id: &AgentId) -> Result<WakeTarget, RecvError>;
+}
+
+/// FNV-1a, for the small per-process maps keyed by agent id on the send path (SipHash's
+/// flood resistance buys nothing for ids this process chose to talk to).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+/// A `HashMap` keyed by agent id, hashed with [`Fnv`].
+pub(crate) type IdMap<V> =
+    std::collections::HashMap<AgentId, V, std::hash::BuildHasherDefault<Fnv>>;
+
+/// The shard a sender's messages to one recipient go to: FNV-1a of the sender id, modulo the
+/// shard count. Stable across processes and versions, so one (from, to) pair always shares one
+/// shard and one lock, which is what keeps its messages in order.
+pub fn shard_of(from: &AgentId, shards: u32) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in from.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(shards.max(1))) as usize
+}

@@ -1,0 +1,126 @@
+//! Operating-system calls, and every `unsafe` block in the crate.
+//!
+//! Nothing above this module calls `libc` directly. Each mechanism that has a fallback can be
+//! forced from the environment (see [`crate::wake`]) so tests exercise both paths.
+
+pub mod futex;
+pub mod inotify;
+pub mod shared;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Whether `path` lives on a tmpfs (`statfs` magic `TMPFS_MAGIC`).
+///
+/// # Errors
+/// The `statfs(2)` error, e.g. `ENOENT`.
+pub fn is_tmpfs(path: &Path) -> io::Result<bool> {
+    let st = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
+    Ok(st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// Free the pages of `file` in `[offset, offset + len)` without changing its size
+/// (`FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`). Reads of the range return zeros afterwards.
+///
+/// # Errors
+/// `EOPNOTSUPP` on filesystems without hole punching; callers treat that as "keep the bytes".
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::FallocateFlags as F;
+    if len == 0 {
+        return Ok(());
+    }
+    nix::fcntl::fallocate(
+        file.as_fd(),
+        F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Reserve backing pages for `[offset, offset + len)` of `file` (plain `fallocate`), so that a
+/// later store through a shared mapping cannot fault with `SIGBUS` on a full tmpfs.
+///
+/// # Errors
+/// `ENOSPC` when the filesystem is full: the caller turns it into a clean error instead of a crash.
+pub fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    nix::fcntl::fallocate(
+        file.as_fd(),
+        nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Bytes actually allocated to `file` (`st_blocks * 512`), as opposed to its logical size.
+///
+/// # Errors
+/// The `fstat(2)` error.
+pub fn allocated_bytes(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(file.metadata()?.blocks() * 512)
+}
+
+/// 64 random bits from the kernel (`getrandom(2)`).
+pub fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`, which lives across
+        // the call; getrandom writes at most that many bytes.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // getrandom cannot fail on Linux >= 3.17 once the pool is initialised; fall back to
+            // something unpredictable enough for an id suffix rather than aborting a send.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            return t ^ (u64::from(std::process::id()) << 32);
+        }
+    }
+    u64::from_ne_bytes(buf)
+}
+
+/// Set the mode of an open file or directory exactly (`fchmod(2)`), whatever the umask was.
+///
+/// # Errors
+/// The `fchmod(2)` error.
+pub fn set_mode(file: &File, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+/// Whether an error is "no space left on device" (`ENOSPC`) or "disk quota exceeded" (`EDQUOT`).
+pub fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// Local wall-clock time of day as `HH:MM:SS` (the bash bus's log timestamp, `date +%H:%M:%S`).
+pub fn local_hms() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as libc::time_t)
+        .unwrap_or(0);
+    // SAFETY: `tm` is a plain C struct for which all-zero bytes are a valid value.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call; localtime_r is the thread-safe variant.
+    let ok = unsafe { !libc::localtime_r(&now, &mut tm).is_null() };
+    if !ok {
+        let s = now.rem_euclid(86_400);
+        return format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60);
+    }
+    format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+}
