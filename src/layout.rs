@@ -8,9 +8,9 @@
 //!   agents/<id>/                   one directory per agent ("jsonl" layout)
 //!     inbox/shard-00.jsonl ...     the inbox: N append-only JSONL shard files (envelopes)
 //!     meta                         shared-memory table: shard lengths, sequence numbers, doorbell
-//!     state.json                   the receiver's cursors and leases (replaced atomically)
+//!     state.0, state.1             the receiver's cursors and leases: two preallocated slots,
+//!                                  the meta table says which one is current (see store::jsonl)
 //!     recv.lock                    flock(2) held while the receiver state is read and rewritten
-//!     receive.snapshot             what the last `receive` returned, for `clear`
 //!     .staging-*, .trash-*         transient: agents are created and removed by rename
 //! ```
 //!
@@ -135,28 +135,23 @@ impl Layout {
         Self::meta_in(&self.agent_dir(id))
     }
 
-    /// An agent's receiver state.
-    pub fn state(&self, id: &AgentId) -> PathBuf {
-        self.agent_dir(id).join("state.json")
+    /// Receiver state slot `i` (0 or 1) in `agent_dir`.
+    pub fn state_in(agent_dir: &Path, i: usize) -> PathBuf {
+        agent_dir.join(if i == 0 { "state.0" } else { "state.1" })
     }
 
-    /// Temporary name the receiver state is written to before the rename.
-    pub fn state_tmp(&self, id: &AgentId) -> PathBuf {
-        self.agent_dir(id).join("state.json.tmp")
+    /// The receiver lock in `agent_dir`.
+    pub fn recv_lock_in(agent_dir: &Path) -> PathBuf {
+        agent_dir.join("recv.lock")
+    }
+
+    /// Receiver state slot `i` of an agent.
+    pub fn state(&self, id: &AgentId, i: usize) -> PathBuf {
+        Self::state_in(&self.agent_dir(id), i)
     }
 
     /// The receiver lock.
     pub fn recv_lock(&self, id: &AgentId) -> PathBuf {
-        self.agent_dir(id).join("recv.lock")
-    }
-
-    /// What the last `receive` returned.
-    pub fn receive_snapshot(&self, id: &AgentId) -> PathBuf {
-        self.agent_dir(id).join("receive.snapshot")
-    }
-
-    /// Temporary name for the snapshot.
-    pub fn receive_snapshot_tmp(&self, id: &AgentId) -> PathBuf {
-        self.agent_dir(id).join("receive.snapshot.tmp")
+        Self::recv_lock_in(&self.agent_dir(id))
     }
 }

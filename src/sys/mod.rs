@@ -60,6 +60,20 @@ pub fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
+/// Make `file` at least `len` bytes long with its pages allocated (plain `fallocate`).
+///
+/// # Errors
+/// `ENOSPC` when the filesystem is full.
+pub fn grow(file: &File, len: u64) -> io::Result<()> {
+    nix::fcntl::fallocate(
+        file.as_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        len as i64,
+    )
+    .map_err(io::Error::from)
+}
+
 /// Bytes actually allocated to `file` (`st_blocks * 512`), as opposed to its logical size.
 ///
 /// # Errors

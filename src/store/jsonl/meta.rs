@@ -15,7 +15,7 @@
 //!     48     8  quota: unconsumed messages
 //!     56     8  quota: unconsumed bytes
 //!     64     8  removed flag (set under every shard lock before the agent is deleted)
-//!     72     8  receiver state generation (bumped, under recv.lock, before state.json is replaced)
+//!     72     8  receiver state pointer: generation (31 bits) | current slot (1 bit) | length (32 bits)
 //!  128+64s      shard s: len, writing, msgs appended, acked bytes, acked msgs (5 x u64)
 //!   4096+128i   sequence slot i: id length (u64), id (64 bytes), last sequence (u64)
 //! ```
@@ -58,7 +58,7 @@ const SLOTS_BACKED_OFF: usize = 40;
 const QUOTA_MSGS_OFF: usize = 48;
 const QUOTA_BYTES_OFF: usize = 56;
 const REMOVED_OFF: usize = 64;
-const STATE_GEN_OFF: usize = 72;
+const STATE_PTR_OFF: usize = 72;
 
 const SHARD_BASE: usize = 128;
 const SHARD_STRIDE: usize = 64;
@@ -184,10 +184,11 @@ impl Meta {
             .u64_at(SHARD_BASE + s * SHARD_STRIDE + field as usize)
     }
 
-    /// Generation of the receiver state file: a process may reuse its cached copy of the state
-    /// while this is unchanged.
-    pub(crate) fn state_gen(&self) -> &AtomicU64 {
-        self.words.u64_at(STATE_GEN_OFF)
+    /// Which receiver state slot is current, how long its content is, and a generation that
+    /// changes with every save (so a process may reuse its cached copy while it is unchanged).
+    /// One word, so that switching to a newly written slot is a single atomic store.
+    pub(crate) fn state_ptr(&self) -> &AtomicU64 {
+        self.words.u64_at(STATE_PTR_OFF)
     }
 
     pub(crate) fn sent(&self) -> &AtomicU64 {

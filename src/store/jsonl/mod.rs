@@ -51,10 +51,11 @@ pub(crate) struct Inbox {
     append_locks: Vec<Mutex<()>>,
     /// Sender id -> sequence slot, so a slot is looked up once per process.
     slots: Mutex<IdMap<usize>>,
-    recv_lock: OnceLock<File>,
+    /// The receiver lock and the two state slots, opened on first use.
+    recv_files: OnceLock<recv::RecvFiles>,
     /// Excludes this process's threads from each other (flock does not), and caches the
-    /// receiver state with the generation it was read or written at.
-    recv_cache: Mutex<Option<(u64, state::RecvState)>>,
+    /// receiver state with the state pointer it was read or written at.
+    recv_cache: Mutex<recv::RecvCache>,
 }
 
 impl Inbox {
@@ -72,8 +73,8 @@ impl Inbox {
             shards: (0..n).map(|_| OnceLock::new()).collect(),
             append_locks: (0..n).map(|_| Mutex::new(())).collect(),
             slots: Mutex::new(IdMap::default()),
-            recv_lock: OnceLock::new(),
-            recv_cache: Mutex::new(None),
+            recv_files: OnceLock::new(),
+            recv_cache: Mutex::new(recv::RecvCache::default()),
         }))
     }
 
@@ -146,6 +147,15 @@ impl JsonlStore {
             let p = Layout::shard_in(dir, s);
             create_private_file(&p).map_err(AgentError::at(&p))?;
         }
+        // The receiver's files exist from the start, their space reserved, so that receiving
+        // and acknowledging keep working when the filesystem is full.
+        let lock = Layout::recv_lock_in(dir);
+        create_private_file(&lock).map_err(AgentError::at(&lock))?;
+        for i in 0..2 {
+            let p = Layout::state_in(dir, i);
+            let f = create_private_file(&p).map_err(AgentError::at(&p))?;
+            crate::sys::grow(&f, recv::STATE_SLOT_INITIAL).map_err(AgentError::at(&p))?;
+        }
         let m = Layout::meta_in(dir);
         Meta::create(&m, settings).map_err(AgentError::at(&m))
     }
@@ -168,28 +178,6 @@ pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
         .open(path)?;
     crate::sys::set_mode(&f, 0o600)?;
     Ok(f)
-}
-
-/// Write `bytes` to `tmp` (mode 0600) and rename it over `dest`: readers see the old or the new
-/// file, never a mix, even if this process is killed half way. The caller holds a lock that
-/// makes it the only writer of `tmp`.
-pub(crate) fn replace_file(tmp: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(tmp)?;
-    crate::sys::set_mode(&f, 0o600)?;
-    if let Err(e) = f.write_all(bytes) {
-        drop(f);
-        let _ = fs::remove_file(tmp);
-        return Err(e);
-    }
-    drop(f);
-    fs::rename(tmp, dest)
 }
 
 impl Store for JsonlStore {

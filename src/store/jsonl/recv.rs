@@ -1,8 +1,11 @@
 //! The receive side: leasing, acknowledging, the bash bus's `receive`/`clear`, and reclaiming.
 //!
-//! Every operation runs under the agent's receiver lock (`recv.lock`, flock) and ends by
-//! replacing `state.json` atomically, so a receiver killed at any point leaves either the old or
-//! the new state: messages it had not acknowledged are delivered again, nothing is lost.
+//! Every operation runs under the agent's receiver lock (`recv.lock`, flock). The state lives in
+//! two preallocated slot files: a save writes the slot that is *not* current, then switches the
+//! meta table's state pointer (slot, length, generation) with one atomic store. A receiver
+//! killed at any point leaves either the old or the new state, so messages it had not
+//! acknowledged are delivered again and nothing is lost; and since the slots' space is reserved
+//! when the agent is created, receiving keeps working on a full filesystem.
 
 use std::fs;
 use std::io;
@@ -12,7 +15,9 @@ use std::sync::atomic::Ordering;
 use super::meta::ShardField;
 
 use super::state::{RecvState, STATE_VERSION};
-use super::{Inbox, create_private_file, replace_file};
+use std::os::unix::fs::FileExt;
+
+use super::Inbox;
 use crate::envelope::Envelope;
 use crate::journal::{self, Line};
 use crate::layout::Layout;
@@ -24,60 +29,104 @@ const READ_BUDGET: usize = 4 << 20;
 const PUNCH_STEP: u64 = 64 * 1024;
 const PAGE: u64 = 4096;
 
-/// The receiver lock, held for one read-modify-write of the state; holds the cached state.
+/// Space reserved for each state slot when an agent is created.
+pub(crate) const STATE_SLOT_INITIAL: u64 = 16 * 1024;
+
+/// The receiver lock file and the two state slots.
+#[derive(Debug)]
+pub(crate) struct RecvFiles {
+    lock: fs::File,
+    slots: [fs::File; 2],
+}
+
+/// This process's copy of the receiver state, and the known sizes of the slot files.
+#[derive(Debug, Default)]
+pub(crate) struct RecvCache {
+    state: Option<(u64, RecvState)>,
+    capacity: [u64; 2],
+}
+
+/// The receiver lock, held for one read-modify-write of the state.
 struct RecvGuard<'a> {
-    cache: MutexGuard<'a, Option<(u64, RecvState)>>,
-    file: &'a fs::File,
+    cache: MutexGuard<'a, RecvCache>,
+    files: &'a RecvFiles,
 }
 
 impl Drop for RecvGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.file.unlock();
+        let _ = self.files.lock.unlock();
     }
+}
+
+fn open_rw(path: &std::path::Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
 }
 
 fn lock<'a>(inbox: &'a Inbox, layout: &Layout) -> Result<RecvGuard<'a>, RecvError> {
-    let cache = inbox.recv_cache.lock().unwrap_or_else(|e| e.into_inner());
-    let file = match inbox.recv_lock.get() {
+    let mut cache = inbox.recv_cache.lock().unwrap_or_else(|e| e.into_inner());
+    let files = match inbox.recv_files.get() {
         Some(f) => f,
         None => {
-            let path = layout.recv_lock(&inbox.id);
-            let f = match create_private_file(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    fs::File::open(&path).map_err(RecvError::at(&path))?
-                }
-                Err(e) => return Err(RecvError::at(&path)(e)),
+            let lock = layout.recv_lock(&inbox.id);
+            let s0 = layout.state(&inbox.id, 0);
+            let s1 = layout.state(&inbox.id, 1);
+            let files = RecvFiles {
+                lock: open_rw(&lock).map_err(RecvError::at(&lock))?,
+                slots: [
+                    open_rw(&s0).map_err(RecvError::at(&s0))?,
+                    open_rw(&s1).map_err(RecvError::at(&s1))?,
+                ],
             };
-            inbox.recv_lock.get_or_init(|| f)
+            for (i, f) in files.slots.iter().enumerate() {
+                cache.capacity[i] = f
+                    .metadata()
+                    .map_err(RecvError::at(layout.state(&inbox.id, i)))?
+                    .len();
+            }
+            inbox.recv_files.get_or_init(|| files)
         }
     };
-    file.lock()
+    files
+        .lock
+        .lock()
         .map_err(|e| RecvError::at(layout.recv_lock(&inbox.id))(e))?;
-    Ok(RecvGuard { cache, file })
+    Ok(RecvGuard { cache, files })
 }
 
-/// The receiver state: this process's cached copy if no one has replaced the file since,
-/// else read from disk. The cache is emptied; [`save`] refills it.
+const PTR_LEN_MASK: u64 = 0xffff_ffff;
+const PTR_SLOT_BIT: u64 = 1 << 32;
+const PTR_GEN_SHIFT: u32 = 33;
+
+/// The receiver state: this process's cached copy if the state pointer has not moved since,
+/// else read from the current slot. The cache is emptied; [`save`] or [`keep`] refills it.
 fn load(inbox: &Inbox, layout: &Layout, g: &mut RecvGuard<'_>) -> Result<RecvState, RecvError> {
-    let gen_now = inbox.meta.state_gen().load(Ordering::Acquire);
-    if let Some((cached_gen, st)) = g.cache.take()
-        && cached_gen == gen_now
+    let ptr = inbox.meta.state_ptr().load(Ordering::Acquire);
+    if let Some((cached, st)) = g.cache.state.take()
+        && cached == ptr
     {
         return Ok(st);
     }
-    let path = layout.state(&inbox.id);
     let shards = inbox.meta.shards();
-    let mut st = match fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice::<RecvState>(&bytes).map_err(|e| RecvError::CorruptState {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => RecvState::new(shards),
-        Err(e) => return Err(RecvError::at(&path)(e)),
-    };
+    let len = (ptr & PTR_LEN_MASK) as usize;
+    if len == 0 {
+        return Ok(RecvState::new(shards)); // never saved
+    }
+    let slot = usize::from(ptr & PTR_SLOT_BIT != 0);
+    let path = layout.state(&inbox.id, slot);
+    let mut bytes = vec![0u8; len];
+    g.files.slots[slot]
+        .read_exact_at(&mut bytes, 0)
+        .map_err(RecvError::at(&path))?;
+    let mut st =
+        serde_json::from_slice::<RecvState>(&bytes).map_err(|e| RecvError::CorruptState {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
     if st.v > STATE_VERSION {
         return Err(RecvError::CorruptState {
             path,
@@ -94,9 +143,8 @@ fn load(inbox: &Inbox, layout: &Layout, g: &mut RecvGuard<'_>) -> Result<RecvSta
     Ok(st)
 }
 
-/// Replace the state file and keep the new state cached. The generation is bumped *before* the
-/// rename: a process that dies in between leaves a new generation over the old file, which
-/// others simply reread.
+/// Write the state into the slot that is not current, then make it current with one atomic
+/// store, and keep it cached.
 fn save(
     inbox: &Inbox,
     layout: &Layout,
@@ -104,17 +152,36 @@ fn save(
     st: RecvState,
 ) -> Result<(), RecvError> {
     let bytes = serde_json::to_vec(&st).unwrap_or_default();
-    let path = layout.state(&inbox.id);
-    let gen_new = inbox.meta.state_gen().fetch_add(1, Ordering::AcqRel) + 1;
-    replace_file(&layout.state_tmp(&inbox.id), &path, &bytes).map_err(RecvError::at(&path))?;
+    let cur = inbox.meta.state_ptr().load(Ordering::Acquire);
+    let slot = usize::from(cur & PTR_SLOT_BIT == 0);
+    let path = || layout.state(&inbox.id, slot);
+    if bytes.len() as u64 > PTR_LEN_MASK {
+        return Err(RecvError::CorruptState {
+            path: path(),
+            detail: format!("state of {} bytes is too large", bytes.len()),
+        });
+    }
+    let file = &g.files.slots[slot];
+    if bytes.len() as u64 > g.cache.capacity[slot] {
+        let cap = (bytes.len() as u64).next_power_of_two();
+        crate::sys::grow(file, cap).map_err(|e| RecvError::at(path())(e))?;
+        g.cache.capacity[slot] = cap;
+    }
+    file.write_all_at(&bytes, 0)
+        .map_err(|e| RecvError::at(path())(e))?;
+    let generation = ((cur >> PTR_GEN_SHIFT) + 1) & ((1 << 31) - 1);
+    let ptr = (generation << PTR_GEN_SHIFT)
+        | if slot == 1 { PTR_SLOT_BIT } else { 0 }
+        | bytes.len() as u64;
+    inbox.meta.state_ptr().store(ptr, Ordering::Release);
     inbox.publish(&st);
-    *g.cache = Some((gen_new, st));
+    g.cache.state = Some((ptr, st));
     Ok(())
 }
 
 /// Put an unchanged state back in the cache.
 fn keep(inbox: &Inbox, g: &mut RecvGuard<'_>, st: RecvState) {
-    *g.cache = Some((inbox.meta.state_gen().load(Ordering::Acquire), st));
+    g.cache.state = Some((inbox.meta.state_ptr().load(Ordering::Acquire), st));
 }
 
 /// Where shard `s`'s complete lines end, if the meta table knows for sure (no writer is
@@ -330,12 +397,10 @@ pub(super) fn peek_all(inbox: &Inbox, layout: &Layout) -> Result<Vec<Envelope>, 
         .map_err(|e| RecvError::at(inbox.shard_path(s))(e))?;
         ends.push(end);
     }
-    keep(inbox, &mut g, st);
+    let mut st = st;
+    st.snapshot = Some(ends);
+    save(inbox, layout, &mut g, st)?;
     out.sort_by_key(|(ts, s, off, _)| (*ts, *s, *off));
-    let snap = serde_json::to_vec(&serde_json::json!({ "v": 1, "ends": ends })).unwrap_or_default();
-    let path = layout.receive_snapshot(&inbox.id);
-    replace_file(&layout.receive_snapshot_tmp(&inbox.id), &path, &snap)
-        .map_err(RecvError::at(&path))?;
     Ok(out.into_iter().map(|(_, _, _, e)| e).collect())
 }
 
@@ -343,14 +408,7 @@ pub(super) fn peek_all(inbox: &Inbox, layout: &Layout) -> Result<Vec<Envelope>, 
 pub(super) fn clear(inbox: &Inbox, layout: &Layout) -> Result<u64, RecvError> {
     let mut g = lock(inbox, layout)?;
     let mut st = load(inbox, layout, &mut g)?;
-    let snap_path = layout.receive_snapshot(&inbox.id);
-    let ends: Option<Vec<u64>> = match fs::read(&snap_path) {
-        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
-            .ok()
-            .and_then(|v| serde_json::from_value(v.get("ends")?.clone()).ok()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(RecvError::at(&snap_path)(e)),
-    };
+    let ends = st.snapshot.take();
     let mut total = 0;
     let mut buf = Vec::new();
     for s in 0..st.shards.len() {
@@ -386,7 +444,6 @@ pub(super) fn clear(inbox: &Inbox, layout: &Layout) -> Result<u64, RecvError> {
     }
     reclaim(inbox, &mut st);
     save(inbox, layout, &mut g, st)?;
-    let _ = fs::remove_file(&snap_path);
     Ok(total)
 }
 

@@ -1,12 +1,16 @@
 //! The receiver's state: per shard, a read cursor and the leases of delivered, unacknowledged
 //! messages. Pure bookkeeping, no I/O, so it can be property-tested.
 //!
-//! # Format (`state.json`, version 1)
+//! # Format (in `state.0` / `state.1`, version 1)
 //!
 //! ```text
 //! {"v":1,"shards":[{"read":4096,"acked_msgs":17,"punched":0,
-//!   "leases":[{"off":3890,"len":206,"id":"msg-...","ts":1795310779123456,"n":1,"until":1795310809123}]}]}
+//!   "leases":[{"off":3890,"len":206,"id":"msg-...","ts":1795310779123456,"n":1,"until":1795310809123}]}],
+//!  "snapshot":[4096,0,0,0,0,0,0,0]}
 //! ```
+//!
+//! `snapshot`, when present, holds the shard ends the last `receive` (the bash bus's verb) read
+//! up to: `clear` acknowledges exactly the messages before them.
 //!
 //! Invariant, per shard: every message before `read` was delivered at least once; of those, the
 //! ones with a lease are unacknowledged and all others are acknowledged. So the acknowledged
@@ -27,6 +31,9 @@ pub(crate) const STATE_VERSION: u32 = 1;
 pub(crate) struct RecvState {
     pub(crate) v: u32,
     pub(crate) shards: Vec<ShardCursor>,
+    /// Shard ends read by the last `receive`, for `clear`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) snapshot: Option<Vec<u64>>,
 }
 
 /// One shard's cursor and leases.
@@ -106,6 +113,7 @@ impl RecvState {
         RecvState {
             v: STATE_VERSION,
             shards: vec![ShardCursor::default(); shards],
+            snapshot: None,
         }
     }
 
