@@ -41,7 +41,7 @@ pub enum AppendError {
     #[error("record is not a single newline-terminated line")]
     NotALine,
     /// Any other I/O error.
-    #[error("{path}: {source}", path = .path.display())]
+    #[error("{path}", path = .path.display())]
     Io {
         /// The journal.
         path: PathBuf,

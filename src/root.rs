@@ -143,7 +143,7 @@ pub enum RootError {
         wanted: LayoutKind,
     },
     /// Any other I/O error.
-    #[error("{path}: {source}", path = .path.display())]
+    #[error("{path}", path = .path.display())]
     Io {
         /// The path concerned.
         path: PathBuf,
@@ -228,21 +228,24 @@ impl Root {
     /// # Errors
     /// As [`Root::create`].
     pub fn open_with(path: &Path, opts: &RootOptions) -> Result<Root, RootError> {
+        // `root/` would make lstat follow a symlink named `root`: drop trailing slashes and `.`.
+        let normalized: PathBuf = path.components().collect();
+        let path = normalized.as_path();
         let uid = crate::sys::euid();
         let mut warnings = Vec::new();
-        match fs::symlink_metadata(path) {
-            Ok(md) => check_existing(path, &md, uid, &mut warnings)?,
+        let md = match fs::symlink_metadata(path) {
+            Ok(md) => md,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if opts.create.is_none() {
                     return Err(RootError::Missing(path.to_owned()));
                 }
                 create_dir_0700(path)?;
-                // A racing creator may have won; re-check what is there now.
-                let md = fs::symlink_metadata(path).map_err(io_at(path))?;
-                check_existing(path, &md, uid, &mut warnings)?;
+                // A racing creator may have won; check what is there now.
+                fs::symlink_metadata(path).map_err(io_at(path))?
             }
             Err(e) => return Err(io_at(path)(e)),
-        }
+        };
+        check_existing(path, &md, uid)?;
         let layout = Layout::new(path);
         let config = match (read_marker(&layout)?, opts.create) {
             (Some(c), _) => c,
@@ -258,6 +261,8 @@ impl Root {
                 wanted,
             });
         }
+        // Only now, with the marker accepted, is the directory known to be ours to tighten.
+        tighten_mode(path, &md, &mut warnings)?;
         match crate::sys::is_tmpfs(path) {
             Ok(true) => {}
             Ok(false) => warnings.push(format!(
@@ -295,13 +300,7 @@ impl Root {
     }
 }
 
-fn check_existing(
-    path: &Path,
-    md: &fs::Metadata,
-    uid: u32,
-    warnings: &mut Vec<String>,
-) -> Result<(), RootError> {
-    use std::os::unix::fs::PermissionsExt;
+fn check_existing(path: &Path, md: &fs::Metadata, uid: u32) -> Result<(), RootError> {
     if md.file_type().is_symlink() {
         return Err(RootError::Symlink(path.to_owned()));
     }
@@ -315,8 +314,17 @@ fn check_existing(
             uid,
         });
     }
+    Ok(())
+}
+
+/// A root of ours that others can read (e.g. made by the bash bus with mode 755) is made 0700.
+fn tighten_mode(
+    path: &Path,
+    md: &fs::Metadata,
+    warnings: &mut Vec<String>,
+) -> Result<(), RootError> {
+    use std::os::unix::fs::PermissionsExt;
     if md.mode() & 0o077 != 0 {
-        // Ours, but readable by others (e.g. made by the bash bus with mode 755): tighten it.
         fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_at(path))?;
         warnings.push(format!(
             "{}: root was mode {:o}, tightened to 700",

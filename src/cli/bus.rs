@@ -60,8 +60,13 @@ pub(crate) struct SendArgs {
     /// Message type.
     #[arg(value_name = "TYPE")]
     kind: String,
-    /// Payload: one JSON value.
-    payload: String,
+    /// Payload: one JSON value (omit with --stdin).
+    #[arg(required_unless_present = "stdin")]
+    payload: Option<String>,
+    /// Send one message per line of standard input (each line one JSON value); print one id
+    /// per line. Stops at the first error, having sent the lines before it.
+    #[arg(long, conflicts_with = "payload")]
+    stdin: bool,
     /// Mark the message as the reply to this message id.
     #[arg(long, value_name = "MSG_ID")]
     reply_to: Option<String>,
@@ -74,7 +79,7 @@ pub(crate) fn send(ctx: &Ctx, a: SendArgs) -> anyhow::Result<Exit> {
     let from = AgentId::new(&a.from).context("sender")?;
     let to = AgentId::new(&a.to).context("recipient")?;
     validate_type(&a.kind)?;
-    if a.payload.is_empty() {
+    if a.payload.as_deref() == Some("") {
         bail!("{}", shoal::envelope::PayloadError::Empty);
     }
     let bus = match ctx.bus(false) {
@@ -83,17 +88,35 @@ pub(crate) fn send(ctx: &Ctx, a: SendArgs) -> anyhow::Result<Exit> {
         Err(e) => return Err(e),
     };
     let cap = a.max_payload.map_or(bus.max_payload(), |c| c as usize);
-    let payload = Payload::parse(&a.payload, cap)?;
     let opts = SendOptions {
         reply_to: a.reply_to.as_deref(),
         route: None,
     };
-    let r = bus.send_with(&from, &to, &a.kind, &payload, &opts)?;
-    ctx.log(&format!(
-        "Sent message: {from} -> {to} [{}] ({})",
-        a.kind, r.id
-    ));
-    super::out(&format!("{}\n", r.id))?;
+    let send_one = |text: &str| -> anyhow::Result<String> {
+        let payload = Payload::parse(text, cap)?;
+        let r = bus.send_with(&from, &to, &a.kind, &payload, &opts)?;
+        ctx.log(&format!(
+            "Sent message: {from} -> {to} [{}] ({})",
+            a.kind, r.id
+        ));
+        Ok(r.id)
+    };
+    match a.payload {
+        Some(p) => super::out(&format!("{}\n", send_one(&p)?))?,
+        None => {
+            use std::io::BufRead;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for (n, line) in std::io::stdin().lock().lines().enumerate() {
+                let line = line.context("reading standard input")?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let id = send_one(&line).with_context(|| format!("line {}", n + 1))?;
+                writeln!(out, "{id}")?;
+            }
+            out.flush()?;
+        }
+    }
     Ok(Exit::Ok)
 }
 

@@ -146,7 +146,7 @@ pub enum SendError {
         capacity: usize,
     },
     /// Any other I/O error.
-    #[error("{path}: {source}", path = .path.display())]
+    #[error("{path}", path = .path.display())]
     Io {
         /// The path concerned.
         path: PathBuf,
@@ -176,7 +176,7 @@ pub enum RecvError {
         path: PathBuf,
     },
     /// Any other I/O error.
-    #[error("{path}: {source}", path = .path.display())]
+    #[error("{path}", path = .path.display())]
     Io {
         /// The path concerned.
         path: PathBuf,
@@ -195,7 +195,7 @@ pub enum AgentError {
         path: PathBuf,
     },
     /// Any other I/O error.
-    #[error("{path}: {source}", path = .path.display())]
+    #[error("{path}", path = .path.display())]
     Io {
         /// The path concerned.
         path: PathBuf,

@@ -23,11 +23,11 @@ pub struct DirWatch {
 pub enum WatchError {
     /// The per-user limit on inotify instances or watches is reached (`EMFILE`/`ENOSPC`);
     /// the caller falls back to a wake-up path that needs no instance.
-    #[error("inotify limit reached ({0})")]
-    Exhausted(io::Error),
+    #[error("inotify limit reached")]
+    Exhausted(#[source] io::Error),
     /// Any other failure.
-    #[error("inotify: {0}")]
-    Other(io::Error),
+    #[error("inotify")]
+    Other(#[source] io::Error),
 }
 
 impl DirWatch {

@@ -43,7 +43,13 @@ impl TestRoot {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
         c.arg("--root").arg(self.root()).args(args);
-        for v in ["SHOAL_ROOT", "MESSAGE_BASE_DIR", "SHOAL_WAKE", "SHOAL_MAX_PAYLOAD", "SHOAL_BASH_LOGS"] {
+        for v in [
+            "SHOAL_ROOT",
+            "MESSAGE_BASE_DIR",
+            "SHOAL_WAKE",
+            "SHOAL_MAX_PAYLOAD",
+            "SHOAL_BASH_LOGS",
+        ] {
             c.env_remove(v);
         }
         c.stdin(Stdio::null());

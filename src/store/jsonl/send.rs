@@ -119,10 +119,14 @@ pub(super) fn append(store: &JsonlStore, d: Draft<'_>) -> Result<Receipt, SendEr
         if meta.removed() {
             return Err(SendError::UnknownRecipient(d.to.clone()));
         }
-        let line_len = (line.len() + suffix.len() + 20) as u64;
+        let field = |f| meta.shard(s, f);
+        let seq_cell = meta.seq(slot);
+        let seq = seq_cell.load(Ordering::Acquire) + 1;
+        line.extend_from_slice(itoa(seq).as_bytes());
+        line.extend_from_slice(suffix);
         let (pending_msgs, pending_bytes) = meta.pending();
         let (quota_msgs, quota_bytes) = meta.quota();
-        if pending_msgs + 1 > quota_msgs || pending_bytes + line_len > quota_bytes {
+        if pending_msgs + 1 > quota_msgs || pending_bytes + line.len() as u64 > quota_bytes {
             return Err(SendError::QuotaExceeded {
                 to: d.to.clone(),
                 pending_msgs,
@@ -131,16 +135,11 @@ pub(super) fn append(store: &JsonlStore, d: Draft<'_>) -> Result<Receipt, SendEr
                 quota_bytes,
             });
         }
-        let field = |f| meta.shard(s, f);
         let trusted = (field(ShardField::Writing).load(Ordering::Acquire) == 0)
             .then(|| field(ShardField::Len).load(Ordering::Acquire));
         // The sequence is stored before the write: a sender killed mid-append leaves a gap in the
         // pair's sequence, never a duplicate.
-        let seq_cell = meta.seq(slot);
-        let seq = seq_cell.load(Ordering::Acquire) + 1;
         seq_cell.store(seq, Ordering::Release);
-        line.extend_from_slice(itoa(seq).as_bytes());
-        line.extend_from_slice(suffix);
 
         field(ShardField::Writing).store(1, Ordering::Release);
         match g.append(line, trusted) {
