@@ -106,12 +106,27 @@ pub(crate) fn send(ctx: &Ctx, a: SendArgs) -> anyhow::Result<Exit> {
         None => {
             use std::io::BufRead;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for (n, line) in std::io::stdin().lock().lines().enumerate() {
-                let line = line.context("reading standard input")?;
-                if line.trim().is_empty() {
+            let mut input = std::io::BufReader::with_capacity(1 << 16, std::io::stdin().lock());
+            let mut line = String::new();
+            for n in 1.. {
+                // Ids are flushed whenever no more input is buffered: batched during a burst,
+                // prompt when the writer pauses.
+                if input.buffer().is_empty() {
+                    out.flush()?;
+                }
+                line.clear();
+                if input
+                    .read_line(&mut line)
+                    .context("reading standard input")?
+                    == 0
+                {
+                    break;
+                }
+                let text = line.trim_end_matches(['\n', '\r']);
+                if text.trim().is_empty() {
                     continue;
                 }
-                let id = send_one(&line).with_context(|| format!("line {}", n + 1))?;
+                let id = send_one(text).with_context(|| format!("line {n}"))?;
                 writeln!(out, "{id}")?;
             }
             out.flush()?;
