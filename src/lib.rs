@@ -18,7 +18,8 @@
 //! ## Example: two agents
 //!
 //! A receiver blocks until a message arrives; here it runs on a thread, but it could as well be
-//! another process (`shoal recv bob --wait`, or `examples/pingpong.rs`).
+//! another process: `shoal recv bob --wait`, or `examples/pingpong.rs`, which runs a copy of
+//! itself as the second agent.
 //!
 //! ```
 //! use shoal::{AgentId, Bus, RecvOptions, Wait};

@@ -1,0 +1,381 @@
+//! One conformance suite for every `Store` implementation, driven through the library API.
+//! A new layout joins by adding a line to `layouts()`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::TestRoot;
+use shoal::store::{AgentSettings, SendError};
+use shoal::{AgentId, Bus, LayoutKind, Payload, RecvOptions, Root, SendOptions, Wait};
+
+fn layouts() -> Vec<LayoutKind> {
+    vec![LayoutKind::Jsonl]
+}
+
+/// Run `f` once per layout, each on a fresh root.
+fn each_layout(tag: &str, f: impl Fn(&Bus, &TestRoot)) {
+    for kind in layouts() {
+        let t = TestRoot::new(&format!("{tag}-{kind}"));
+        let bus = Bus::open(Root::create(&t.root(), kind).unwrap()).unwrap();
+        f(&bus, &t);
+    }
+}
+
+fn id(s: &str) -> AgentId {
+    AgentId::new(s).unwrap()
+}
+
+fn opts(max: usize, lease_ms: u64) -> RecvOptions {
+    RecvOptions {
+        max,
+        lease: Duration::from_millis(lease_ms),
+        wait: Wait::No,
+    }
+}
+
+#[test]
+fn r2_round_trip_keeps_every_field() {
+    each_layout("roundtrip", |bus, _| {
+        let (a, b) = (id("alice"), id("bob"));
+        bus.init(&b).unwrap();
+        let payload = Payload::parse(r#"{"text": "héllo \"q\"", "n": [1, 2]}"#, 1 << 20).unwrap();
+        let route = vec!["alice".to_owned(), "hub-0".to_owned()];
+        let r = bus
+            .send_with(
+                &a,
+                &b,
+                "greet",
+                &payload,
+                &SendOptions {
+                    reply_to: Some("msg-1-2"),
+                    route: Some(&route),
+                },
+            )
+            .unwrap();
+        let got = bus.recv(&b, &opts(10, 30_000)).unwrap();
+        assert_eq!(got.len(), 1);
+        let m = &got[0];
+        assert_eq!(m.id, r.id);
+        assert_eq!(
+            (m.from.as_str(), m.to.as_str(), m.kind.as_str()),
+            ("alice", "bob", "greet")
+        );
+        assert_eq!(m.seq, 1);
+        assert_eq!(m.payload.get(), payload.as_str(), "payload byte for byte");
+        assert_eq!(m.reply_to.as_deref(), Some("msg-1-2"));
+        assert_eq!(m.route.as_deref(), Some(&route[..]));
+        assert_eq!(m.delivery, Some(1));
+        assert_eq!(m.v, 1);
+        assert!(m.ts > 1_700_000_000_000_000, "ts is in microseconds");
+    });
+}
+
+#[test]
+fn r2_sequences_count_per_pair() {
+    each_layout("seq", |bus, _| {
+        let (a, c, b) = (id("a"), id("c"), id("b"));
+        bus.init(&b).unwrap();
+        for _ in 0..3 {
+            bus.send_str(&a, &b, "t", "1").unwrap();
+            bus.send_str(&c, &b, "t", "2").unwrap();
+        }
+        let got = bus.recv(&b, &opts(100, 30_000)).unwrap();
+        let per: Vec<(String, u64)> = got.iter().map(|m| (m.from.clone(), m.seq)).collect();
+        let a_seqs: Vec<u64> = per.iter().filter(|(f, _)| f == "a").map(|p| p.1).collect();
+        let c_seqs: Vec<u64> = per.iter().filter(|(f, _)| f == "c").map(|p| p.1).collect();
+        assert_eq!(a_seqs, [1, 2, 3]);
+        assert_eq!(c_seqs, [1, 2, 3]);
+        // Oldest first across senders.
+        let ts: Vec<u64> = got.iter().map(|m| m.ts).collect();
+        assert!(ts.windows(2).all(|w| w[0] <= w[1]));
+    });
+}
+
+#[test]
+fn r2_unknown_recipient_is_an_error() {
+    each_layout("unknown", |bus, _| {
+        let e = bus
+            .send_str(&id("a"), &id("nobody"), "t", "{}")
+            .unwrap_err();
+        assert!(
+            matches!(e, SendError::UnknownRecipient(ref r) if r.as_str() == "nobody"),
+            "{e}"
+        );
+    });
+}
+
+#[test]
+fn r2_unacknowledged_messages_come_back_after_the_lease() {
+    each_layout("lease", |bus, _| {
+        let (a, b) = (id("a"), id("b"));
+        bus.init(&b).unwrap();
+        let sent: Vec<String> = (0..3)
+            .map(|i| bus.send_str(&a, &b, "t", &i.to_string()).unwrap().id)
+            .collect();
+        let first = bus.recv(&b, &opts(10, 50)).unwrap();
+        assert_eq!(first.len(), 3);
+        assert!(
+            bus.recv(&b, &opts(10, 50)).unwrap().is_empty(),
+            "leased messages are not handed out twice"
+        );
+        bus.ack(&b, &sent[1..2]).unwrap();
+        std::thread::sleep(Duration::from_millis(80));
+        let again = bus.recv(&b, &opts(10, 50)).unwrap();
+        let ids: Vec<&str> = again.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [sent[0].as_str(), sent[2].as_str()],
+            "acknowledged one never comes back"
+        );
+        assert!(again.iter().all(|m| m.delivery == Some(2)));
+        assert_eq!(again[0].payload.get(), "0");
+        let r = bus
+            .ack(
+                &b,
+                &[sent[0].clone(), "msg-0-0".to_owned(), sent[1].clone()],
+            )
+            .unwrap();
+        assert_eq!(r.acked, 1);
+        assert_eq!(r.unknown, vec!["msg-0-0".to_owned(), sent[1].clone()]);
+    });
+}
+
+#[test]
+fn r2_ack_all_covers_only_delivered_messages() {
+    each_layout("ackall", |bus, _| {
+        let (a, b) = (id("a"), id("b"));
+        bus.init(&b).unwrap();
+        for i in 0..5 {
+            bus.send_str(&a, &b, "t", &i.to_string()).unwrap();
+        }
+        assert_eq!(bus.recv(&b, &opts(2, 30_000)).unwrap().len(), 2);
+        assert_eq!(bus.ack_all(&b).unwrap().acked, 2);
+        let rest = bus.recv(&b, &opts(10, 30_000)).unwrap();
+        let payloads: Vec<&str> = rest.iter().map(|m| m.payload.get()).collect();
+        assert_eq!(payloads, ["2", "3", "4"]);
+        assert_eq!(bus.depth(&b).unwrap().msgs, 3);
+        bus.ack_all(&b).unwrap();
+        assert_eq!(bus.depth(&b).unwrap().msgs, 0);
+    });
+}
+
+#[test]
+fn r2_peek_all_and_clear_remove_exactly_what_was_seen() {
+    each_layout("peek", |bus, _| {
+        let (a, b) = (id("a"), id("b"));
+        bus.init(&b).unwrap();
+        let store = bus.store();
+        for i in 0..3 {
+            bus.send_str(&a, &b, "t", &i.to_string()).unwrap();
+        }
+        assert_eq!(
+            bus.recv(&b, &opts(1, 30_000)).unwrap().len(),
+            1,
+            "one leased"
+        );
+        let seen = store.peek_all(&b).unwrap();
+        assert_eq!(seen.len(), 3, "peek shows leased and unleased messages");
+        assert_eq!(
+            store.peek_all(&b).unwrap().len(),
+            3,
+            "peek does not consume"
+        );
+        let late = bus.send_str(&a, &b, "t", "\"late\"").unwrap();
+        assert_eq!(store.clear(&b).unwrap(), 3);
+        let left = store.peek_all(&b).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(
+            left[0].id, late.id,
+            "clear never removes a message that arrived later"
+        );
+        assert_eq!(store.clear(&b).unwrap(), 1);
+        assert_eq!(
+            store.clear(&b).unwrap(),
+            0,
+            "no snapshot: clears all, which is nothing"
+        );
+        assert_eq!(bus.depth(&b).unwrap().msgs, 0);
+    });
+}
+
+#[test]
+fn r2_counts_sent_and_lists_agents() {
+    each_layout("counts", |bus, _| {
+        let store = bus.store();
+        for n in ["zed", "amy", "bob"] {
+            bus.init(&id(n)).unwrap();
+        }
+        assert!(!bus.init(&id("bob")).unwrap(), "init is idempotent");
+        let names: Vec<String> = store
+            .agents()
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(names, ["amy", "bob", "zed"]);
+        for _ in 0..4 {
+            bus.send_str(&id("amy"), &id("bob"), "t", "{}").unwrap();
+        }
+        bus.send_str(&id("stranger"), &id("bob"), "t", "{}")
+            .unwrap();
+        assert_eq!(store.sent_count(&id("amy")).unwrap(), 4);
+        assert_eq!(store.sent_count(&id("bob")).unwrap(), 0);
+        assert_eq!(bus.depth(&id("bob")).unwrap().msgs, 5);
+        assert!(bus.depth(&id("bob")).unwrap().bytes > 0);
+        let removed = bus.remove(&id("bob")).unwrap().unwrap();
+        assert_eq!((removed.inbox, removed.sent), (5, 0));
+        assert!(bus.remove(&id("bob")).unwrap().is_none());
+        assert!(!store.agent_exists(&id("bob")));
+    });
+}
+
+#[test]
+fn r2_removal_and_recreation_are_seen_by_other_handles() {
+    each_layout("recreate", |bus, t| {
+        let (a, b) = (id("a"), id("b"));
+        bus.init(&b).unwrap();
+        // A second, independent handle on the same root (as another process would have).
+        let other = Bus::open(Root::open(&t.root()).unwrap()).unwrap();
+        other.send_str(&a, &b, "t", "1").unwrap(); // caches b's inbox
+        bus.remove(&b).unwrap();
+        let e = other.send_str(&a, &b, "t", "2").unwrap_err();
+        assert!(
+            matches!(e, SendError::UnknownRecipient(_)),
+            "send into a removed inbox: {e}"
+        );
+        bus.init(&b).unwrap();
+        let r = other.send_str(&a, &b, "t", "3").unwrap();
+        let got = bus.recv(&b, &opts(10, 30_000)).unwrap();
+        assert_eq!(
+            got.len(),
+            1,
+            "the message reached the new inbox, not the deleted one"
+        );
+        assert_eq!(got[0].id, r.id);
+        assert_eq!(got[0].seq, 1, "a new agent starts a new sequence");
+    });
+}
+
+#[test]
+fn r2_quota_refuses_and_evicts_nothing() {
+    each_layout("quota", |bus, _| {
+        let (a, b) = (id("a"), id("b"));
+        let settings = AgentSettings {
+            quota_msgs: 5,
+            ..bus.default_settings()
+        };
+        bus.init_with(&b, &settings).unwrap();
+        let sent: Vec<String> = (0..5)
+            .map(|i| bus.send_str(&a, &b, "t", &i.to_string()).unwrap().id)
+            .collect();
+        let e = bus.send_str(&a, &b, "t", "5").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SendError::QuotaExceeded {
+                    pending_msgs: 5,
+                    quota_msgs: 5,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let all: Vec<String> = bus
+            .store()
+            .peek_all(&b)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(all, sent, "nothing evicted");
+        // Consuming makes room again; the refused message did not take a sequence number.
+        bus.recv(&b, &opts(2, 30_000)).unwrap();
+        bus.ack_all(&b).unwrap();
+        assert_eq!(bus.send_str(&a, &b, "t", "5").unwrap().seq, 6);
+    });
+}
+
+#[test]
+fn r2_threads_sharing_one_bus_keep_order_and_lose_nothing() {
+    each_layout("threads", |bus, _| {
+        let b = id("b");
+        let settings = AgentSettings {
+            quota_msgs: u64::MAX,
+            quota_bytes: u64::MAX,
+            ..bus.default_settings()
+        };
+        bus.init_with(&b, &settings).unwrap();
+        const THREADS: usize = 8;
+        const EACH: usize = 2_000;
+        // Two threads per sender id: flock does not exclude threads of one process, the
+        // store's own locks must.
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (bus, b) = (bus.clone(), b.clone());
+                std::thread::spawn(move || {
+                    let from = id(&format!("s{}", t / 2));
+                    for i in 0..EACH {
+                        bus.send_json(&from, &b, "t", &serde_json::json!({"t": t, "i": i}))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let mut got = Vec::new();
+        loop {
+            let batch = bus.recv(&b, &opts(5_000, 30_000)).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch);
+            bus.ack_all(&b).unwrap();
+        }
+        assert_eq!(got.len(), THREADS * EACH);
+        let mut next_seq: HashMap<String, u64> = HashMap::new();
+        let mut next_i: HashMap<u64, u64> = HashMap::new();
+        for m in &got {
+            let s = next_seq.entry(m.from.clone()).or_insert(1);
+            assert_eq!(m.seq, *s, "sender {}: sequence gap or reorder", m.from);
+            *s += 1;
+            let v: serde_json::Value = serde_json::from_str(m.payload.get()).unwrap();
+            let (t, i) = (v["t"].as_u64().unwrap(), v["i"].as_u64().unwrap());
+            let n = next_i.entry(t).or_insert(0);
+            assert_eq!(i, *n, "thread {t}: its messages out of order");
+            *n += 1;
+        }
+    });
+}
+
+#[test]
+fn r2_a_waiting_receiver_is_woken_by_a_send() {
+    each_layout("wait", |bus, _| {
+        let (a, b) = (id("a"), id("b"));
+        bus.init(&b).unwrap();
+        let bus2 = bus.clone();
+        let b2 = b.clone();
+        let waiter = std::thread::spawn(move || {
+            let o = RecvOptions {
+                wait: Wait::For(Duration::from_secs(30)),
+                ..RecvOptions::default()
+            };
+            bus2.recv(&b2, &o).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let r = bus.send_str(&a, &b, "t", "{}").unwrap();
+        let got = waiter.join().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, r.id);
+        // A timed wait on an empty inbox returns empty.
+        let o = RecvOptions {
+            wait: Wait::For(Duration::from_millis(30)),
+            ..RecvOptions::default()
+        };
+        bus.ack_all(&b).unwrap();
+        assert!(bus.recv(&b, &o).unwrap().is_empty());
+    });
+}
