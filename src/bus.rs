@@ -166,19 +166,6 @@ impl Bus {
         self.inner.max_payload
     }
 
-    /// A handle with another payload cap.
-    pub fn with_max_payload(&self, cap: usize) -> Bus {
-        Bus {
-            inner: Arc::new(Inner {
-                root: self.inner.root.clone(),
-                store: Box::new(JsonlStore::new(self.inner.root.layout().clone())),
-                wake: self.inner.wake,
-                max_payload: cap,
-                ids: IdGen::new(),
-            }),
-        }
-    }
-
     /// The settings a new agent gets: the root's defaults.
     pub fn default_settings(&self) -> AgentSettings {
         let c = self.inner.root.config();

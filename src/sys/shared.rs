@@ -30,16 +30,6 @@ impl SharedWords {
         Ok(SharedWords { map })
     }
 
-    /// Length of the mapping in bytes.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Whether the mapping is empty.
-    pub fn is_empty(&self) -> bool {
-        self.map.len() == 0
-    }
-
     /// The 64-bit word at byte offset `off`.
     ///
     /// # Panics
@@ -80,8 +70,7 @@ mod tests {
 
     #[test]
     fn two_mappings_of_one_file_see_each_other() {
-        let dir = std::env::temp_dir().join(format!("shoal-shared-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::journal::tests::shm_dir("shared");
         let path = dir.join("words");
         let f = File::options()
             .read(true)
