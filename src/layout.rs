@@ -2,16 +2,29 @@
 //!
 //! # On-disk layout, format version 1
 //!
+//! The `jsonl` layout (the default):
+//!
 //! ```text
 //! <root>/                          mode 0700, owned by the user
 //!   .shoal-format                  version marker and root settings (JSON, see crate::root)
-//!   agents/<id>/                   one directory per agent ("jsonl" layout)
+//!   agents/<id>/                   one directory per agent
 //!     inbox/shard-00.jsonl ...     the inbox: N append-only JSONL shard files (envelopes)
 //!     meta                         shared-memory table: shard lengths, sequence numbers, doorbell
 //!     state.0, state.1             the receiver's cursors and leases: two preallocated slots,
-//!                                  the meta table says which one is current (see store::jsonl)
+//!                                  the meta table says which one is current (see store::slots)
 //!     recv.lock                    flock(2) held while the receiver state is read and rewritten
-//!     .staging-*, .trash-*         transient: agents are created and removed by rename
+//!   agents/.staging-*, .trash-*    transient: agents are created and removed by rename
+//! ```
+//!
+//! The `compat` layout, the bash `message-bus.sh` layout that scripts read directly:
+//!
+//! ```text
+//! <root>/
+//!   .shoal-format
+//!   <id>/inbox/<msg-id>.json       one message per file, in the bash bus's format
+//!   <id>/inbox/.lock               flock(2) held while a message is added (as the bash bus did)
+//!   <id>/outbox/                   kept empty: shoal counts sent messages instead of copying them
+//!   <id>/.shoal/meta, state.0, state.1, recv.lock   as above
 //! ```
 //!
 //! Agent ids are validated ([`AgentId`]) before they reach this module, so every path built here
@@ -61,17 +74,26 @@ impl std::str::FromStr for LayoutKind {
 #[derive(Debug, Clone)]
 pub struct Layout {
     root: PathBuf,
+    kind: LayoutKind,
 }
 
 impl Layout {
-    /// Paths under `root`.
-    pub fn new(root: impl Into<PathBuf>) -> Layout {
-        Layout { root: root.into() }
+    /// Paths under `root`, laid out as `kind`.
+    pub fn new(root: impl Into<PathBuf>, kind: LayoutKind) -> Layout {
+        Layout {
+            root: root.into(),
+            kind,
+        }
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The layout kind.
+    pub fn kind(&self) -> LayoutKind {
+        self.kind
     }
 
     /// The version marker.
@@ -86,7 +108,10 @@ impl Layout {
 
     /// The directory holding all agents.
     pub fn agents_dir(&self) -> PathBuf {
-        self.root.join("agents")
+        match self.kind {
+            LayoutKind::Jsonl => self.root.join("agents"),
+            LayoutKind::Compat => self.root.clone(),
+        }
     }
 
     /// One agent's directory.
@@ -96,8 +121,7 @@ impl Layout {
 
     /// A fresh directory an agent is assembled in before it is renamed into place.
     pub fn staging_dir(&self, id: &AgentId, nonce: u64) -> PathBuf {
-        self.agents_dir()
-            .join(format!(".staging-{id}-{nonce:016x}"))
+        self.agents_dir().join(format!(".staging-{id}-{nonce:016x}"))
     }
 
     /// Where an agent is renamed to before it is deleted, so it disappears at once.
@@ -105,53 +129,69 @@ impl Layout {
         self.agents_dir().join(format!(".trash-{id}-{nonce:016x}"))
     }
 
+    /// Where shoal keeps an agent's own files (meta table, receiver state and lock).
+    pub fn internals_in(&self, agent_dir: &Path) -> PathBuf {
+        match self.kind {
+            LayoutKind::Jsonl => agent_dir.to_owned(),
+            LayoutKind::Compat => agent_dir.join(".shoal"),
+        }
+    }
+
     /// The inbox directory of an agent directory (staged or in place).
-    pub fn inbox_in(agent_dir: &Path) -> PathBuf {
+    pub fn inbox_in(&self, agent_dir: &Path) -> PathBuf {
         agent_dir.join("inbox")
     }
 
-    /// Shard `i` of the inbox in `agent_dir`.
-    pub fn shard_in(agent_dir: &Path, i: usize) -> PathBuf {
-        Self::inbox_in(agent_dir).join(format!("shard-{i:02}.jsonl"))
+    /// The outbox directory (compat layout).
+    pub fn outbox_in(&self, agent_dir: &Path) -> PathBuf {
+        agent_dir.join("outbox")
+    }
+
+    /// The lock a message is added under (compat layout): `inbox/.lock`, as the bash bus.
+    pub fn inbox_lock_in(&self, agent_dir: &Path) -> PathBuf {
+        self.inbox_in(agent_dir).join(".lock")
+    }
+
+    /// Shard `i` of the inbox in `agent_dir` (jsonl layout).
+    pub fn shard_in(&self, agent_dir: &Path, i: usize) -> PathBuf {
+        self.inbox_in(agent_dir).join(format!("shard-{i:02}.jsonl"))
+    }
+
+    /// The file of message `msg_id` in the inbox in `agent_dir` (compat layout).
+    pub fn message_in(&self, agent_dir: &Path, msg_id: &str) -> PathBuf {
+        self.inbox_in(agent_dir).join(format!("{msg_id}.json"))
+    }
+
+    /// The temporary name a message is written under before it is renamed into the inbox
+    /// (compat layout). It starts with a dot and does not end in `.json`, so no script globbing
+    /// `inbox/*.json` ever sees it.
+    pub fn message_tmp_in(&self, agent_dir: &Path, msg_id: &str) -> PathBuf {
+        self.inbox_in(agent_dir).join(format!(".{msg_id}.json.tmp"))
     }
 
     /// The meta file in `agent_dir`.
-    pub fn meta_in(agent_dir: &Path) -> PathBuf {
-        agent_dir.join("meta")
+    pub fn meta_in(&self, agent_dir: &Path) -> PathBuf {
+        self.internals_in(agent_dir).join("meta")
+    }
+
+    /// Receiver state slot `i` (0 or 1) in `agent_dir`.
+    pub fn state_in(&self, agent_dir: &Path, i: usize) -> PathBuf {
+        self.internals_in(agent_dir)
+            .join(if i == 0 { "state.0" } else { "state.1" })
+    }
+
+    /// The receiver lock in `agent_dir`.
+    pub fn recv_lock_in(&self, agent_dir: &Path) -> PathBuf {
+        self.internals_in(agent_dir).join("recv.lock")
     }
 
     /// An agent's inbox directory.
     pub fn inbox_dir(&self, id: &AgentId) -> PathBuf {
-        Self::inbox_in(&self.agent_dir(id))
-    }
-
-    /// Shard `i` of an agent's inbox.
-    pub fn shard(&self, id: &AgentId, i: usize) -> PathBuf {
-        Self::shard_in(&self.agent_dir(id), i)
+        self.inbox_in(&self.agent_dir(id))
     }
 
     /// An agent's meta file.
     pub fn meta(&self, id: &AgentId) -> PathBuf {
-        Self::meta_in(&self.agent_dir(id))
-    }
-
-    /// Receiver state slot `i` (0 or 1) in `agent_dir`.
-    pub fn state_in(agent_dir: &Path, i: usize) -> PathBuf {
-        agent_dir.join(if i == 0 { "state.0" } else { "state.1" })
-    }
-
-    /// The receiver lock in `agent_dir`.
-    pub fn recv_lock_in(agent_dir: &Path) -> PathBuf {
-        agent_dir.join("recv.lock")
-    }
-
-    /// Receiver state slot `i` of an agent.
-    pub fn state(&self, id: &AgentId, i: usize) -> PathBuf {
-        Self::state_in(&self.agent_dir(id), i)
-    }
-
-    /// The receiver lock.
-    pub fn recv_lock(&self, id: &AgentId) -> PathBuf {
-        Self::recv_lock_in(&self.agent_dir(id))
+        self.meta_in(&self.agent_dir(id))
     }
 }

@@ -246,7 +246,7 @@ impl Root {
             Err(e) => return Err(io_at(path)(e)),
         };
         check_existing(path, &md, uid)?;
-        let layout = Layout::new(path);
+        let layout = Layout::new(path, LayoutKind::Jsonl); // marker paths only
         let config = match (read_marker(&layout)?, opts.create) {
             (Some(c), _) => c,
             (None, None) => return Err(RootError::Missing(path.to_owned())),
@@ -263,6 +263,7 @@ impl Root {
         }
         // Only now, with the marker accepted, is the directory known to be ours to tighten.
         tighten_mode(path, &md, &mut warnings)?;
+        let layout = Layout::new(path, config.layout);
         match crate::sys::is_tmpfs(path) {
             Ok(true) => {}
             Ok(false) => warnings.push(format!(

@@ -11,9 +11,13 @@
 //! Acknowledged bytes are reclaimed. A send over the inbox quota fails; nothing is evicted.
 
 pub mod jsonl;
+pub(crate) mod meta;
+pub(crate) mod slots;
 
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::envelope::{AgentId, Draft, Envelope, InvalidType, PayloadError};
@@ -360,4 +364,28 @@ pub fn shard_of(from: &AgentId, shards: u32) -> usize {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     (h % u64::from(shards.max(1))) as usize
+}
+
+/// `mkdir` mode 0700 exactly, whatever the umask.
+pub(crate) fn mkdir_private(path: &Path) -> io::Result<()> {
+    DirBuilder::new().mode(0o700).create(path)?;
+    crate::sys::set_mode(&File::open(path)?, 0o700)
+}
+
+/// Create an empty file mode 0600 exactly; fails if it exists.
+pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    crate::sys::set_mode(&f, 0o600)?;
+    Ok(f)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> u64 {
+    crate::envelope::now_micros() / 1000
 }

@@ -6,14 +6,12 @@
 //! shared table that lets a send cost one `flock`, one `write` and one unlock, and [`state`] for
 //! the receiver's leases.
 
-pub(crate) mod meta;
 mod recv;
 mod send;
 pub(crate) mod state;
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,7 +25,9 @@ use crate::store::{
 };
 use crate::wake::WakeTarget;
 
-use meta::{Meta, ShardField};
+use super::meta::{self, Meta};
+use super::slots::{self, SlotPaths, Slots};
+use super::{create_private_file, mkdir_private};
 
 /// Sharded JSONL inboxes under one root.
 #[derive(Debug)]
@@ -41,7 +41,6 @@ pub struct JsonlStore {
 /// One agent's open inbox: its meta mapping and lazily opened shard files. Cached per process.
 #[derive(Debug)]
 pub(crate) struct Inbox {
-    id: AgentId,
     dir: PathBuf,
     meta: Meta,
     bell: crate::wake::Doorbell,
@@ -51,35 +50,33 @@ pub(crate) struct Inbox {
     append_locks: Vec<Mutex<()>>,
     /// Sender id -> sequence slot, so a slot is looked up once per process.
     slots: Mutex<IdMap<usize>>,
-    /// The receiver lock and the two state slots, opened on first use.
-    recv_files: OnceLock<recv::RecvFiles>,
-    /// Excludes this process's threads from each other (flock does not), and caches the
-    /// receiver state with the state pointer it was read or written at.
-    recv_cache: Mutex<recv::RecvCache>,
+    /// The receiver state (cursors and leases) and its lock.
+    recv: Slots<state::RecvState>,
+    layout: Layout,
 }
 
 impl Inbox {
     fn open(layout: &Layout, id: &AgentId) -> io::Result<Option<Inbox>> {
         let dir = layout.agent_dir(id);
-        let Some(meta) = Meta::open(&Layout::meta_in(&dir))? else {
+        let recv = Slots::new(slot_paths(layout, &dir));
+        let Some(meta) = Meta::open(&layout.meta_in(&dir))? else {
             return Ok(None);
         };
         let n = meta.shards();
         Ok(Some(Inbox {
-            id: id.clone(),
             dir,
             bell: meta.doorbell(),
             meta,
             shards: (0..n).map(|_| OnceLock::new()).collect(),
             append_locks: (0..n).map(|_| Mutex::new(())).collect(),
             slots: Mutex::new(IdMap::default()),
-            recv_files: OnceLock::new(),
-            recv_cache: Mutex::new(recv::RecvCache::default()),
+            recv,
+            layout: layout.clone(),
         }))
     }
 
     fn shard_path(&self, s: usize) -> PathBuf {
-        Layout::shard_in(&self.dir, s)
+        self.layout.shard_in(&self.dir, s)
     }
 
     /// Shard `s`, opened on first use.
@@ -141,43 +138,26 @@ impl JsonlStore {
 
     fn assemble(&self, dir: &Path, settings: &AgentSettings) -> Result<(), AgentError> {
         mkdir_private(dir).map_err(AgentError::at(dir))?;
-        let inbox = Layout::inbox_in(dir);
+        let inbox = self.layout.inbox_in(dir);
         mkdir_private(&inbox).map_err(AgentError::at(&inbox))?;
         for s in 0..settings.shards as usize {
-            let p = Layout::shard_in(dir, s);
+            let p = self.layout.shard_in(dir, s);
             create_private_file(&p).map_err(AgentError::at(&p))?;
         }
         // The receiver's files exist from the start, their space reserved, so that receiving
         // and acknowledging keep working when the filesystem is full.
-        let lock = Layout::recv_lock_in(dir);
-        create_private_file(&lock).map_err(AgentError::at(&lock))?;
-        for i in 0..2 {
-            let p = Layout::state_in(dir, i);
-            let f = create_private_file(&p).map_err(AgentError::at(&p))?;
-            crate::sys::grow(&f, recv::STATE_SLOT_INITIAL).map_err(AgentError::at(&p))?;
-        }
-        let m = Layout::meta_in(dir);
+        slots::create(&slot_paths(&self.layout, dir))?;
+        let m = self.layout.meta_in(dir);
         Meta::create(&m, settings).map_err(AgentError::at(&m))
     }
 }
 
-/// `mkdir` mode 0700 exactly, whatever the umask.
-pub(crate) fn mkdir_private(path: &Path) -> io::Result<()> {
-    DirBuilder::new().mode(0o700).create(path)?;
-    crate::sys::set_mode(&File::open(path)?, 0o700)
-}
-
-/// Create an empty file mode 0600 exactly; fails if it exists.
-pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    crate::sys::set_mode(&f, 0o600)?;
-    Ok(f)
+/// Where an agent's receiver files are.
+pub(crate) fn slot_paths(layout: &Layout, agent_dir: &Path) -> SlotPaths {
+    SlotPaths {
+        lock: layout.recv_lock_in(agent_dir),
+        slots: [layout.state_in(agent_dir, 0), layout.state_in(agent_dir, 1)],
+    }
 }
 
 impl Store for JsonlStore {
@@ -272,7 +252,7 @@ impl Store for JsonlStore {
         let mut out: Vec<AgentId> = entries
             .filter_map(Result::ok)
             .filter_map(|e| AgentId::new(&e.file_name().to_string_lossy()).ok())
-            .filter(|id| Layout::meta_in(&self.layout.agent_dir(id)).exists())
+            .filter(|id| self.layout.meta(id).exists())
             .collect();
         out.sort();
         Ok(out)
@@ -283,19 +263,19 @@ impl Store for JsonlStore {
     }
 
     fn receive(&self, id: &AgentId, req: &RecvRequest) -> Result<Batch, RecvError> {
-        recv::receive(&*self.existing(id)?, &self.layout, req)
+        recv::receive(&*self.existing(id)?, req)
     }
 
     fn ack(&self, id: &AgentId, target: AckTarget<'_>) -> Result<AckReport, RecvError> {
-        recv::ack(&*self.existing(id)?, &self.layout, target)
+        recv::ack(&*self.existing(id)?, target)
     }
 
     fn peek_all(&self, id: &AgentId) -> Result<Vec<Envelope>, RecvError> {
-        recv::peek_all(&*self.existing(id)?, &self.layout)
+        recv::peek_all(&*self.existing(id)?)
     }
 
     fn clear(&self, id: &AgentId) -> Result<u64, RecvError> {
-        recv::clear(&*self.existing(id)?, &self.layout)
+        recv::clear(&*self.existing(id)?)
     }
 
     fn depth(&self, id: &AgentId) -> Result<Depth, RecvError> {
@@ -310,23 +290,8 @@ impl Store for JsonlStore {
     fn wake_target(&self, id: &AgentId) -> Result<WakeTarget, RecvError> {
         let ib = self.existing(id)?;
         Ok(WakeTarget {
-            watch_dir: Layout::inbox_in(&ib.dir),
+            watch_dir: self.layout.inbox_in(&ib.dir),
             doorbell: ib.bell.clone(),
         })
-    }
-}
-
-impl Inbox {
-    /// Mirror the receiver's acknowledged prefix and count into the meta table (for quotas and
-    /// `count`). Derived data: rewritten in full after every state change.
-    fn publish(&self, st: &state::RecvState) {
-        for (s, c) in st.shards.iter().enumerate().take(self.meta.shards()) {
-            self.meta
-                .shard(s, ShardField::AckedBytes)
-                .store(c.acked_prefix(), Ordering::Release);
-            self.meta
-                .shard(s, ShardField::AckedMsgs)
-                .store(c.acked_msgs, Ordering::Release);
-        }
     }
 }

@@ -7,20 +7,16 @@
 //! acknowledged are delivered again and nothing is lost; and since the slots' space is reserved
 //! when the agent is created, receiving keeps working on a full filesystem.
 
-use std::fs;
-use std::io;
-use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
-use super::meta::ShardField;
+use crate::store::meta::ShardField;
+use crate::store::now_ms;
 
-use super::state::{RecvState, STATE_VERSION};
-use std::os::unix::fs::FileExt;
+use super::state::RecvState;
 
 use super::Inbox;
 use crate::envelope::Envelope;
 use crate::journal::{self, Line};
-use crate::layout::Layout;
 use crate::store::{AckReport, AckTarget, Batch, RecvError, RecvRequest};
 
 /// Bytes read from one shard per receive, beyond which the rest waits for the next call.
@@ -28,161 +24,6 @@ const READ_BUDGET: usize = 4 << 20;
 /// Release acknowledged space once this much has accumulated (or the shard is drained).
 const PUNCH_STEP: u64 = 64 * 1024;
 const PAGE: u64 = 4096;
-
-/// Space reserved for each state slot when an agent is created.
-pub(crate) const STATE_SLOT_INITIAL: u64 = 16 * 1024;
-
-/// The receiver lock file and the two state slots.
-#[derive(Debug)]
-pub(crate) struct RecvFiles {
-    lock: fs::File,
-    slots: [fs::File; 2],
-}
-
-/// This process's copy of the receiver state, and the known sizes of the slot files.
-#[derive(Debug, Default)]
-pub(crate) struct RecvCache {
-    state: Option<(u64, RecvState)>,
-    capacity: [u64; 2],
-}
-
-/// The receiver lock, held for one read-modify-write of the state.
-struct RecvGuard<'a> {
-    cache: MutexGuard<'a, RecvCache>,
-    files: &'a RecvFiles,
-}
-
-impl Drop for RecvGuard<'_> {
-    fn drop(&mut self) {
-        let _ = self.files.lock.unlock();
-    }
-}
-
-fn open_rw(path: &std::path::Path) -> io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
-
-fn lock<'a>(inbox: &'a Inbox, layout: &Layout) -> Result<RecvGuard<'a>, RecvError> {
-    let mut cache = inbox.recv_cache.lock().unwrap_or_else(|e| e.into_inner());
-    let files = match inbox.recv_files.get() {
-        Some(f) => f,
-        None => {
-            let lock = layout.recv_lock(&inbox.id);
-            let s0 = layout.state(&inbox.id, 0);
-            let s1 = layout.state(&inbox.id, 1);
-            let files = RecvFiles {
-                lock: open_rw(&lock).map_err(RecvError::at(&lock))?,
-                slots: [
-                    open_rw(&s0).map_err(RecvError::at(&s0))?,
-                    open_rw(&s1).map_err(RecvError::at(&s1))?,
-                ],
-            };
-            for (i, f) in files.slots.iter().enumerate() {
-                cache.capacity[i] = f
-                    .metadata()
-                    .map_err(RecvError::at(layout.state(&inbox.id, i)))?
-                    .len();
-            }
-            inbox.recv_files.get_or_init(|| files)
-        }
-    };
-    files
-        .lock
-        .lock()
-        .map_err(|e| RecvError::at(layout.recv_lock(&inbox.id))(e))?;
-    Ok(RecvGuard { cache, files })
-}
-
-const PTR_LEN_MASK: u64 = 0xffff_ffff;
-const PTR_SLOT_BIT: u64 = 1 << 32;
-const PTR_GEN_SHIFT: u32 = 33;
-
-/// The receiver state: this process's cached copy if the state pointer has not moved since,
-/// else read from the current slot. The cache is emptied; [`save`] or [`keep`] refills it.
-fn load(inbox: &Inbox, layout: &Layout, g: &mut RecvGuard<'_>) -> Result<RecvState, RecvError> {
-    let ptr = inbox.meta.state_ptr().load(Ordering::Acquire);
-    if let Some((cached, st)) = g.cache.state.take()
-        && cached == ptr
-    {
-        return Ok(st);
-    }
-    let shards = inbox.meta.shards();
-    let len = (ptr & PTR_LEN_MASK) as usize;
-    if len == 0 {
-        return Ok(RecvState::new(shards)); // never saved
-    }
-    let slot = usize::from(ptr & PTR_SLOT_BIT != 0);
-    let path = layout.state(&inbox.id, slot);
-    let mut bytes = vec![0u8; len];
-    g.files.slots[slot]
-        .read_exact_at(&mut bytes, 0)
-        .map_err(RecvError::at(&path))?;
-    let mut st =
-        serde_json::from_slice::<RecvState>(&bytes).map_err(|e| RecvError::CorruptState {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-    if st.v > STATE_VERSION {
-        return Err(RecvError::CorruptState {
-            path,
-            detail: format!("state version {} is newer than {STATE_VERSION}", st.v),
-        });
-    }
-    if st.shards.len() > shards {
-        return Err(RecvError::CorruptState {
-            path,
-            detail: format!("{} shards in state, {shards} in the inbox", st.shards.len()),
-        });
-    }
-    st.shards.resize_with(shards, Default::default);
-    Ok(st)
-}
-
-/// Write the state into the slot that is not current, then make it current with one atomic
-/// store, and keep it cached.
-fn save(
-    inbox: &Inbox,
-    layout: &Layout,
-    g: &mut RecvGuard<'_>,
-    st: RecvState,
-) -> Result<(), RecvError> {
-    let bytes = serde_json::to_vec(&st).unwrap_or_default();
-    let cur = inbox.meta.state_ptr().load(Ordering::Acquire);
-    let slot = usize::from(cur & PTR_SLOT_BIT == 0);
-    let path = || layout.state(&inbox.id, slot);
-    if bytes.len() as u64 > PTR_LEN_MASK {
-        return Err(RecvError::CorruptState {
-            path: path(),
-            detail: format!("state of {} bytes is too large", bytes.len()),
-        });
-    }
-    let file = &g.files.slots[slot];
-    if bytes.len() as u64 > g.cache.capacity[slot] {
-        let cap = (bytes.len() as u64).next_power_of_two();
-        crate::sys::grow(file, cap).map_err(|e| RecvError::at(path())(e))?;
-        g.cache.capacity[slot] = cap;
-    }
-    file.write_all_at(&bytes, 0)
-        .map_err(|e| RecvError::at(path())(e))?;
-    let generation = ((cur >> PTR_GEN_SHIFT) + 1) & ((1 << 31) - 1);
-    let ptr = (generation << PTR_GEN_SHIFT)
-        | if slot == 1 { PTR_SLOT_BIT } else { 0 }
-        | bytes.len() as u64;
-    inbox.meta.state_ptr().store(ptr, Ordering::Release);
-    inbox.publish(&st);
-    g.cache.state = Some((ptr, st));
-    Ok(())
-}
-
-/// Put an unchanged state back in the cache.
-fn keep(inbox: &Inbox, g: &mut RecvGuard<'_>, st: RecvState) {
-    g.cache.state = Some((inbox.meta.state_ptr().load(Ordering::Acquire), st));
-}
 
 /// Where shard `s`'s complete lines end, if the meta table knows for sure (no writer is
 /// mid-append). `writing` is read first: a writer stores the new length before clearing it.
@@ -194,9 +35,6 @@ fn complete_end(inbox: &Inbox, s: usize) -> Option<u64> {
     (writing == 0).then(|| inbox.meta.shard(s, ShardField::Len).load(Ordering::Acquire))
 }
 
-pub(super) fn now_ms() -> u64 {
-    crate::envelope::now_micros() / 1000
-}
 
 /// Complete lines of one shard from its read cursor, held until the merge takes them.
 struct Pending {
@@ -249,11 +87,10 @@ impl Pending {
 
 pub(super) fn receive(
     inbox: &Inbox,
-    layout: &Layout,
     req: &RecvRequest,
 ) -> Result<Batch, RecvError> {
-    let mut g = lock(inbox, layout)?;
-    let mut st = load(inbox, layout, &mut g)?;
+    let mut g = inbox.recv.lock(&inbox.meta)?;
+    let mut st = g.load()?;
     let now = now_ms();
     let until = now + req.lease.as_millis() as u64;
     let mut batch = Batch::default();
@@ -336,20 +173,19 @@ pub(super) fn receive(
     }
     batch.next_expiry_ms = st.next_expiry();
     if changed {
-        save(inbox, layout, &mut g, st)?;
+        g.save(st)?;
     } else {
-        keep(inbox, &mut g, st);
+        g.keep(st);
     }
     Ok(batch)
 }
 
 pub(super) fn ack(
     inbox: &Inbox,
-    layout: &Layout,
     target: AckTarget<'_>,
 ) -> Result<AckReport, RecvError> {
-    let mut g = lock(inbox, layout)?;
-    let mut st = load(inbox, layout, &mut g)?;
+    let mut g = inbox.recv.lock(&inbox.meta)?;
+    let mut st = g.load()?;
     let report = match target {
         AckTarget::Ids(ids) => st.ack_ids(ids),
         AckTarget::AllDelivered => AckReport {
@@ -359,18 +195,18 @@ pub(super) fn ack(
     };
     if report.acked > 0 {
         reclaim(inbox, &mut st);
-        save(inbox, layout, &mut g, st)?;
+        g.save(st)?;
     } else {
-        keep(inbox, &mut g, st);
+        g.keep(st);
     }
     Ok(report)
 }
 
 /// Every unacknowledged message, leased or not, oldest first; remembers the shard ends it read
 /// so that `clear` removes exactly these.
-pub(super) fn peek_all(inbox: &Inbox, layout: &Layout) -> Result<Vec<Envelope>, RecvError> {
-    let mut g = lock(inbox, layout)?;
-    let st = load(inbox, layout, &mut g)?;
+pub(super) fn peek_all(inbox: &Inbox) -> Result<Vec<Envelope>, RecvError> {
+    let mut g = inbox.recv.lock(&inbox.meta)?;
+    let st = g.load()?;
     let mut out: Vec<(u64, usize, u64, Envelope)> = Vec::new();
     let mut ends = Vec::with_capacity(st.shards.len());
     let mut buf = Vec::new();
@@ -399,15 +235,15 @@ pub(super) fn peek_all(inbox: &Inbox, layout: &Layout) -> Result<Vec<Envelope>, 
     }
     let mut st = st;
     st.snapshot = Some(ends);
-    save(inbox, layout, &mut g, st)?;
+    g.save(st)?;
     out.sort_by_key(|(ts, s, off, _)| (*ts, *s, *off));
     Ok(out.into_iter().map(|(_, _, _, e)| e).collect())
 }
 
 /// Acknowledge what the last `peek_all` returned (or everything stored now); returns the count.
-pub(super) fn clear(inbox: &Inbox, layout: &Layout) -> Result<u64, RecvError> {
-    let mut g = lock(inbox, layout)?;
-    let mut st = load(inbox, layout, &mut g)?;
+pub(super) fn clear(inbox: &Inbox) -> Result<u64, RecvError> {
+    let mut g = inbox.recv.lock(&inbox.meta)?;
+    let mut st = g.load()?;
     let ends = st.snapshot.take();
     let mut total = 0;
     let mut buf = Vec::new();
@@ -443,7 +279,7 @@ pub(super) fn clear(inbox: &Inbox, layout: &Layout) -> Result<u64, RecvError> {
         total += st.shards[s].ack_below(end, unread);
     }
     reclaim(inbox, &mut st);
-    save(inbox, layout, &mut g, st)?;
+    g.save(st)?;
     Ok(total)
 }
 

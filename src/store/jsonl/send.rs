@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use std::sync::Arc;
 
-use super::meta::{ShardField, SlotError};
+use crate::store::meta::{ShardField, SlotError};
 use super::{Inbox, JsonlStore};
 use crate::envelope::{AgentId, Draft, itoa};
 use crate::journal::AppendError;
@@ -58,9 +58,9 @@ fn resolve(store: &JsonlStore, d: &Draft<'_>) -> Result<(Arc<Inbox>, usize), Sen
         SlotError::Full => SendError::TooManySenders {
             to: d.to.clone(),
             from: d.from.clone(),
-            capacity: super::meta::SLOT_CAPACITY,
+            capacity: crate::store::meta::SLOT_CAPACITY,
         },
-        SlotError::Io(e) => SendError::at(super::Layout::meta_in(&inbox.dir))(e),
+        SlotError::Io(e) => SendError::at(store.layout.meta_in(&inbox.dir))(e),
     })?;
     let sender = store.inbox(d.from).ok().flatten();
     LAST.with(|l| {

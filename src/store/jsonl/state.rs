@@ -21,7 +21,12 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::AckReport;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use crate::store::meta::{Meta, ShardField};
+use crate::store::slots::SlotState;
+use crate::store::{AckReport, RecvError};
 
 /// Receiver state format version.
 pub(crate) const STATE_VERSION: u32 = 1;
@@ -180,6 +185,36 @@ impl RecvState {
             c.leases.clear();
         }
         n
+    }
+}
+
+impl SlotState for RecvState {
+    fn fresh(meta: &Meta) -> Self {
+        RecvState::new(meta.shards())
+    }
+
+    fn checked(mut self, meta: &Meta, path: &Path) -> Result<Self, RecvError> {
+        let shards = meta.shards();
+        let bad = |detail: String| RecvError::CorruptState {
+            path: path.to_owned(),
+            detail,
+        };
+        if self.v > STATE_VERSION {
+            return Err(bad(format!("state version {} is newer than {STATE_VERSION}", self.v)));
+        }
+        if self.shards.len() > shards {
+            return Err(bad(format!("{} shards in state, {shards} in the inbox", self.shards.len())));
+        }
+        self.shards.resize_with(shards, Default::default);
+        Ok(self)
+    }
+
+    /// Mirror the acknowledged prefix and count of each shard (for quotas and `count`).
+    fn publish(&self, meta: &Meta) {
+        for (s, c) in self.shards.iter().enumerate().take(meta.shards()) {
+            meta.shard(s, ShardField::AckedBytes).store(c.acked_prefix(), Ordering::Release);
+            meta.shard(s, ShardField::AckedMsgs).store(c.acked_msgs, Ordering::Release);
+        }
     }
 }
 
