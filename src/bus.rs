@@ -9,8 +9,8 @@ use crate::envelope::{AgentId, Draft, Envelope, IdGen, Payload, now_micros, vali
 use crate::layout::LayoutKind;
 use crate::root::{Root, RootError};
 use crate::store::{
-    AckReport, AckTarget, AgentError, AgentSettings, Depth, JsonlStore, Receipt, RecvError,
-    RecvRequest, Removed, SendError, Store,
+    AckReport, AckTarget, AgentError, AgentSettings, CompatStore, Depth, JsonlStore, Receipt,
+    RecvError, RecvRequest, Removed, SendError, Store,
 };
 use crate::wake::{Waiter, WakeMode};
 
@@ -64,14 +64,6 @@ pub enum OpenError {
     /// The root was refused.
     #[error(transparent)]
     Root(#[from] RootError),
-    /// The root's layout has no store in this build.
-    #[error("{path}: the {layout} layout is not supported by this build of shoal", path = .path.display())]
-    UnsupportedLayout {
-        /// The root.
-        path: std::path::PathBuf,
-        /// Its layout.
-        layout: LayoutKind,
-    },
     /// `SHOAL_WAKE` names no mechanism.
     #[error("{0}")]
     BadWakeMode(String),
@@ -112,16 +104,11 @@ impl Bus {
     /// A bus over an opened root.
     ///
     /// # Errors
-    /// [`OpenError::UnsupportedLayout`]; [`OpenError::BadWakeMode`] for a bad `SHOAL_WAKE`.
+    /// [`OpenError::BadWakeMode`] for a bad `SHOAL_WAKE`.
     pub fn open(root: Root) -> Result<Bus, OpenError> {
         let store: Box<dyn Store> = match root.config().layout {
             LayoutKind::Jsonl => Box::new(JsonlStore::new(root.layout().clone())),
-            layout => {
-                return Err(OpenError::UnsupportedLayout {
-                    path: root.path().to_owned(),
-                    layout,
-                });
-            }
+            LayoutKind::Compat => Box::new(CompatStore::new(root.layout().clone())),
         };
         let wake = WakeMode::from_env().map_err(OpenError::BadWakeMode)?;
         Ok(Bus {

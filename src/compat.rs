@@ -19,25 +19,7 @@
 //! ```
 
 use crate::envelope::Envelope;
-
-/// The `version` the bash bus writes in every message.
-pub const BASH_MESSAGE_VERSION: &str = "1.0";
-
-/// One message in the bash bus's file format, without a trailing newline.
-pub fn bash_message(e: &Envelope) -> String {
-    let s = |v: &str| serde_json::to_string(v).unwrap_or_default();
-    format!(
-        "{{\n  \"version\": \"{BASH_MESSAGE_VERSION}\",\n  \"msg_id\": {},\n  \"from\": {},\n  \"to\": {},\n  \
-         \"timestamp\": {},\n  \"sequence\": {},\n  \"type\": {},\n  \"payload\": {},\n  \"requires_ack\": false\n}}",
-        s(&e.id),
-        s(&e.from),
-        s(&e.to),
-        e.epoch_seconds(),
-        e.seq,
-        s(&e.kind),
-        e.payload.get()
-    )
-}
+pub use crate::store::compat::{BASH_MESSAGE_VERSION, bash_message};
 
 /// The output of the bash bus's `receive`: `[]` for none, else the messages as a JSON array,
 /// oldest first, exactly as the script prints it. Ends with a newline.

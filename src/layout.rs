@@ -121,7 +121,8 @@ impl Layout {
 
     /// A fresh directory an agent is assembled in before it is renamed into place.
     pub fn staging_dir(&self, id: &AgentId, nonce: u64) -> PathBuf {
-        self.agents_dir().join(format!(".staging-{id}-{nonce:016x}"))
+        self.agents_dir()
+            .join(format!(".staging-{id}-{nonce:016x}"))
     }
 
     /// Where an agent is renamed to before it is deleted, so it disappears at once.

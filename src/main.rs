@@ -22,6 +22,11 @@ struct Cli {
     #[arg(long, global = true, env = "SHOAL_BASH_LOGS", value_parser = clap::builder::FalseyValueParser::new())]
     bash_logs: bool,
 
+    /// Layout of a root created now: jsonl (sharded inboxes) or compat (one file per message,
+    /// as message-bus.sh). An existing root keeps the layout it was created with.
+    #[arg(long, global = true, env = "SHOAL_LAYOUT", value_name = "LAYOUT")]
+    layout: Option<shoal::LayoutKind>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -69,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let ctx = cli::Ctx::new(cli.root, cli.bash_logs);
+    let ctx = cli::Ctx::new(cli.root, cli.bash_logs, cli.layout);
     let result = match cli.command {
         Command::Init(a) => cli::bus::init(&ctx, a),
         Command::Send(a) => cli::bus::send(&ctx, a),

@@ -180,6 +180,9 @@ pub struct RootOptions {
     pub create: Option<LayoutKind>,
     /// Refuse an existing root that holds another layout.
     pub expect: Option<LayoutKind>,
+    /// Take over a directory the bash `message-bus.sh` made (agent directories with `inbox/`,
+    /// no marker) as a compat root, keeping its messages.
+    pub adopt_bash_bus: bool,
 }
 
 /// An opened, checked root.
@@ -211,6 +214,7 @@ impl Root {
             &RootOptions {
                 create: Some(layout),
                 expect: Some(layout),
+                adopt_bash_bus: false,
             },
         )
     }
@@ -248,9 +252,17 @@ impl Root {
         check_existing(path, &md, uid)?;
         let layout = Layout::new(path, LayoutKind::Jsonl); // marker paths only
         let config = match (read_marker(&layout)?, opts.create) {
-            (Some(c), _) => c,
-            (None, None) => return Err(RootError::Missing(path.to_owned())),
-            (None, Some(kind)) => write_marker(&layout, kind)?,
+            (Marker::Found(c), _) => c,
+            (Marker::Foreign, _) if opts.adopt_bash_bus && looks_like_bash_bus(path) => {
+                warnings.push(format!(
+                    "{}: adopted the bash message bus's directory as a compat root; its messages are kept",
+                    path.display()
+                ));
+                write_marker(&layout, LayoutKind::Compat)?
+            }
+            (Marker::Foreign, _) => return Err(RootError::NotAShoalRoot(path.to_owned())),
+            (Marker::Empty, None) => return Err(RootError::Missing(path.to_owned())),
+            (Marker::Empty, Some(kind)) => write_marker(&layout, kind)?,
         };
         if let Some(wanted) = opts.expect
             && wanted != config.layout
@@ -264,7 +276,14 @@ impl Root {
         // Only now, with the marker accepted, is the directory known to be ours to tighten.
         tighten_mode(path, &md, &mut warnings)?;
         let layout = Layout::new(path, config.layout);
-        match crate::sys::is_tmpfs(path) {
+        // Checked when a command may create the root (init, init-system, ...), not on every
+        // send: one statfs less per message for shell loops.
+        let tmpfs = if opts.create.is_some() {
+            crate::sys::is_tmpfs(path)
+        } else {
+            Ok(true)
+        };
+        match tmpfs {
             Ok(true) => {}
             Ok(false) => warnings.push(format!(
                 "{}: not on tmpfs; shoal is designed for /dev/shm (flock and append semantics on \
@@ -354,7 +373,47 @@ pub(crate) fn create_dir_0700(path: &Path) -> Result<(), RootError> {
     }
 }
 
-fn read_marker(layout: &Layout) -> Result<Option<RootConfig>, RootError> {
+/// What a root directory holds.
+enum Marker {
+    Found(RootConfig),
+    /// No marker, nothing else: a new root.
+    Empty,
+    /// No marker, other files.
+    Foreign,
+}
+
+/// Whether `dir` is what the bash bus leaves: only agent directories (valid ids) holding
+/// nothing but `inbox/`, `outbox/`, `.sequences/` and `processed/`, at least one with an inbox.
+fn looks_like_bash_bus(dir: &Path) -> bool {
+    const PARTS: [&str; 4] = ["inbox", "outbox", ".sequences", "processed"];
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let mut any_inbox = false;
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".shoal-format.tmp-") {
+            continue;
+        }
+        if crate::envelope::AgentId::new(&name).is_err() || !e.file_type().is_ok_and(|t| t.is_dir())
+        {
+            return false;
+        }
+        let Ok(parts) = fs::read_dir(e.path()) else {
+            return false;
+        };
+        for p in parts.filter_map(Result::ok) {
+            let p = p.file_name().to_string_lossy().into_owned();
+            if !PARTS.contains(&p.as_str()) {
+                return false;
+            }
+            any_inbox |= p == "inbox";
+        }
+    }
+    any_inbox
+}
+
+fn read_marker(layout: &Layout) -> Result<Marker, RootError> {
     let path = layout.marker();
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
@@ -368,10 +427,11 @@ fn read_marker(layout: &Layout) -> Result<Option<RootConfig>, RootError> {
                         .to_string_lossy()
                         .starts_with(".shoal-format.tmp-")
                 });
-            if others {
-                return Err(RootError::NotAShoalRoot(layout.root().to_owned()));
-            }
-            return Ok(None);
+            return Ok(if others {
+                Marker::Foreign
+            } else {
+                Marker::Empty
+            });
         }
         Err(e) => return Err(io_at(&path)(e)),
     };
@@ -410,7 +470,7 @@ fn read_marker(layout: &Layout) -> Result<Option<RootConfig>, RootError> {
             detail: format!("shards must be 1..={MAX_SHARDS}, found {}", config.shards),
         });
     }
-    Ok(Some(config))
+    Ok(Marker::Found(config))
 }
 
 /// Write the marker under a temporary name and hard-link it into place, so that of two racing
@@ -434,9 +494,10 @@ fn write_marker(layout: &Layout, kind: LayoutKind) -> Result<RootConfig, RootErr
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(()) => Ok(config),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            read_marker(layout)?.ok_or_else(|| RootError::Missing(layout.root().to_owned()))
-        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match read_marker(layout)? {
+            Marker::Found(c) => Ok(c),
+            _ => Err(RootError::Missing(layout.root().to_owned())),
+        },
         Err(e) => Err(io_at(&layout.marker())(e)),
     }
 }

@@ -565,18 +565,21 @@ fn r2_root_not_on_tmpfs_warns_but_works() {
         );
     };
     warned(&run_at(&root, &["init", "a", "b"]), "init");
+    // Commands that may create the root warn; the others just work (one statfs less per
+    // message in shell loops).
+    warned(&run_at(&root, &["init", "a"]), "init again");
     let o = run_at(&root, &["send", "a", "b", "greeting", r#"{"n":1}"#]);
-    warned(&o, "send");
+    check_ok(&o, "send");
     let id = stdout(&o).trim().to_owned();
     let o = run_at(&root, &["recv", "b", "--wait", "--timeout", "10s"]);
-    warned(&o, "recv");
+    check_ok(&o, "recv");
     let got = common::parse_lines(&stdout(&o));
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["id"], id.as_str());
     assert_eq!(got[0]["payload"]["n"], 1);
-    warned(&run_at(&root, &["ack", "b", &id]), "ack");
+    check_ok(&run_at(&root, &["ack", "b", &id]), "ack");
     let o = run_at(&root, &["count", "b"]);
-    warned(&o, "count");
+    check_ok(&o, "count");
     assert_eq!(stdout(&o), "0\n");
     assert_eq!(mode_of(&root), "700");
 }

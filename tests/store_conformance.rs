@@ -11,7 +11,7 @@ use shoal::store::{AgentSettings, SendError};
 use shoal::{AgentId, Bus, LayoutKind, Payload, RecvOptions, Root, SendOptions, Wait};
 
 fn layouts() -> Vec<LayoutKind> {
-    vec![LayoutKind::Jsonl]
+    vec![LayoutKind::Jsonl, LayoutKind::Compat]
 }
 
 /// Run `f` once per layout, each on a fresh root.

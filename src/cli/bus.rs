@@ -42,11 +42,13 @@ pub(crate) fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<Exit> {
     for id in &ids {
         bus.init_with(id, &settings)
             .with_context(|| format!("cannot create agent {id}"))?;
+        let layout = bus.root().layout();
+        let dir = layout.agent_dir(id);
         ctx.log(&format!("Initialized message bus for {id}"));
-        ctx.log(&format!(
-            "  Inbox: {}",
-            bus.root().layout().inbox_dir(id).display()
-        ));
+        ctx.log(&format!("  Inbox: {}", layout.inbox_in(&dir).display()));
+        if layout.kind() == shoal::LayoutKind::Compat {
+            ctx.log(&format!("  Outbox: {}", layout.outbox_in(&dir).display()));
+        }
     }
     Ok(Exit::Ok)
 }

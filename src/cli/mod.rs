@@ -29,13 +29,19 @@ pub(crate) enum Exit {
 pub(crate) struct Ctx {
     root_flag: Option<PathBuf>,
     bash_logs: bool,
+    layout: Option<LayoutKind>,
 }
 
 impl Ctx {
-    pub(crate) fn new(root_flag: Option<PathBuf>, bash_logs: bool) -> Ctx {
+    pub(crate) fn new(
+        root_flag: Option<PathBuf>,
+        bash_logs: bool,
+        layout: Option<LayoutKind>,
+    ) -> Ctx {
         Ctx {
             root_flag,
             bash_logs,
+            layout,
         }
     }
 
@@ -49,8 +55,11 @@ impl Ctx {
         let r = Root::open_with(
             &self.root_path(),
             &RootOptions {
-                create: create.then_some(LayoutKind::Jsonl),
+                create: create.then_some(self.layout.unwrap_or(LayoutKind::Jsonl)),
                 expect: None,
+                // Asking for compat explicitly (as the message-bus.sh shim does) takes over a
+                // directory the bash bus left behind.
+                adopt_bash_bus: self.layout == Some(LayoutKind::Compat),
             },
         )?;
         for w in r.warnings() {

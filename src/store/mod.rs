@@ -10,6 +10,7 @@
 //! lease that expires makes the message deliverable again, with its delivery count raised by one.
 //! Acknowledged bytes are reclaimed. A send over the inbox quota fails; nothing is evicted.
 
+pub mod compat;
 pub mod jsonl;
 pub(crate) mod meta;
 pub(crate) mod slots;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use crate::envelope::{AgentId, Draft, Envelope, InvalidType, PayloadError};
 use crate::wake::WakeTarget;
 
+pub use compat::CompatStore;
 pub use jsonl::JsonlStore;
 
 /// Per-agent settings fixed when the agent is created (and updatable by re-running `init`).

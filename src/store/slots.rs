@@ -134,7 +134,10 @@ impl<T: SlotState> Slots<T> {
                 self.files.get_or_init(|| files)
             }
         };
-        files.lock.lock().map_err(|e| RecvError::at(&self.paths.lock)(e))?;
+        files
+            .lock
+            .lock()
+            .map_err(|e| RecvError::at(&self.paths.lock)(e))?;
         Ok(Guard {
             cache,
             files,

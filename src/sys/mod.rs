@@ -138,3 +138,19 @@ pub fn local_hms() -> String {
     }
     format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
 }
+
+/// Rename `from` to `to`, failing with `AlreadyExists` rather than replacing an existing `to`
+/// (`renameat2(RENAME_NOREPLACE)`): a message file is never overwritten.
+///
+/// # Errors
+/// `AlreadyExists` if `to` exists; otherwise the `renameat2(2)` error.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        from,
+        nix::fcntl::AT_FDCWD,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(io::Error::from)
+}

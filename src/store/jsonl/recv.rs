@@ -35,7 +35,6 @@ fn complete_end(inbox: &Inbox, s: usize) -> Option<u64> {
     (writing == 0).then(|| inbox.meta.shard(s, ShardField::Len).load(Ordering::Acquire))
 }
 
-
 /// Complete lines of one shard from its read cursor, held until the merge takes them.
 struct Pending {
     arena: Vec<u8>,
@@ -85,10 +84,7 @@ impl Pending {
     }
 }
 
-pub(super) fn receive(
-    inbox: &Inbox,
-    req: &RecvRequest,
-) -> Result<Batch, RecvError> {
+pub(super) fn receive(inbox: &Inbox, req: &RecvRequest) -> Result<Batch, RecvError> {
     let mut g = inbox.recv.lock(&inbox.meta)?;
     let mut st = g.load()?;
     let now = now_ms();
@@ -180,10 +176,7 @@ pub(super) fn receive(
     Ok(batch)
 }
 
-pub(super) fn ack(
-    inbox: &Inbox,
-    target: AckTarget<'_>,
-) -> Result<AckReport, RecvError> {
+pub(super) fn ack(inbox: &Inbox, target: AckTarget<'_>) -> Result<AckReport, RecvError> {
     let mut g = inbox.recv.lock(&inbox.meta)?;
     let mut st = g.load()?;
     let report = match target {

@@ -5,10 +5,10 @@ use std::sync::atomic::Ordering;
 
 use std::sync::Arc;
 
-use crate::store::meta::{ShardField, SlotError};
 use super::{Inbox, JsonlStore};
 use crate::envelope::{AgentId, Draft, itoa};
 use crate::journal::AppendError;
+use crate::store::meta::{ShardField, SlotError};
 use crate::store::{Receipt, SendError, shard_of};
 
 thread_local! {

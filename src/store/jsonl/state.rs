@@ -200,10 +200,16 @@ impl SlotState for RecvState {
             detail,
         };
         if self.v > STATE_VERSION {
-            return Err(bad(format!("state version {} is newer than {STATE_VERSION}", self.v)));
+            return Err(bad(format!(
+                "state version {} is newer than {STATE_VERSION}",
+                self.v
+            )));
         }
         if self.shards.len() > shards {
-            return Err(bad(format!("{} shards in state, {shards} in the inbox", self.shards.len())));
+            return Err(bad(format!(
+                "{} shards in state, {shards} in the inbox",
+                self.shards.len()
+            )));
         }
         self.shards.resize_with(shards, Default::default);
         Ok(self)
@@ -212,8 +218,10 @@ impl SlotState for RecvState {
     /// Mirror the acknowledged prefix and count of each shard (for quotas and `count`).
     fn publish(&self, meta: &Meta) {
         for (s, c) in self.shards.iter().enumerate().take(meta.shards()) {
-            meta.shard(s, ShardField::AckedBytes).store(c.acked_prefix(), Ordering::Release);
-            meta.shard(s, ShardField::AckedMsgs).store(c.acked_msgs, Ordering::Release);
+            meta.shard(s, ShardField::AckedBytes)
+                .store(c.acked_prefix(), Ordering::Release);
+            meta.shard(s, ShardField::AckedMsgs)
+                .store(c.acked_msgs, Ordering::Release);
         }
     }
 }
