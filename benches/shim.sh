@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Each loop runs in its own subshell with its own MESSAGE_BASE_DIR, on purpose.
+# shellcheck disable=SC2030,SC2031,SC1091
 # Benchmark of the message-bus.sh shim, side by side with the process-spawn floor and, when its
 # path is given, the original bash message-bus.sh (not part of this repository).
 #
@@ -10,8 +12,6 @@
 #   - `receive` of a 100-message inbox takes < 5 ms.
 # Loops are interleaved and repeated; medians are reported.
 set -euo pipefail
-# Each loop runs in its own subshell with its own MESSAGE_BASE_DIR, on purpose.
-# shellcheck disable=SC2030,SC2031,SC1091
 cd "$(dirname "$0")/.."
 N="${1:-1000}"
 ORIGINAL="${2:-}"
