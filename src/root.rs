@@ -254,13 +254,19 @@ impl Root {
         let config = match (read_marker(&layout)?, opts.create) {
             (Marker::Found(c), _) => c,
             (Marker::Foreign, _) if opts.adopt_bash_bus && looks_like_bash_bus(path) => {
+                let config = write_marker(&layout, LayoutKind::Compat)?;
+                tighten_tree(path).map_err(io_at(path))?;
                 warnings.push(format!(
                     "{}: adopted the bash message bus's directory as a compat root; its messages are kept",
                     path.display()
                 ));
-                write_marker(&layout, LayoutKind::Compat)?
+                config
             }
-            (Marker::Foreign, _) => return Err(RootError::NotAShoalRoot(path.to_owned())),
+            (Marker::Foreign, _) => match read_marker(&layout)? {
+                // Another process adopted or created it between our two looks.
+                Marker::Found(c) => c,
+                _ => return Err(RootError::NotAShoalRoot(path.to_owned())),
+            },
             (Marker::Empty, None) => return Err(RootError::Missing(path.to_owned())),
             (Marker::Empty, Some(kind)) => write_marker(&layout, kind)?,
         };
@@ -384,6 +390,8 @@ enum Marker {
 
 /// Whether `dir` is what the bash bus leaves: only agent directories (valid ids) holding
 /// nothing but `inbox/`, `outbox/`, `.sequences/` and `processed/`, at least one with an inbox.
+/// Entries shoal itself makes while adopting (`.shoal-format*`, `<id>/.shoal*`) are ignored, so
+/// that processes adopting the same directory at once all see it as adoptable.
 fn looks_like_bash_bus(dir: &Path) -> bool {
     const PARTS: [&str; 4] = ["inbox", "outbox", ".sequences", "processed"];
     let Ok(entries) = fs::read_dir(dir) else {
@@ -392,7 +400,7 @@ fn looks_like_bash_bus(dir: &Path) -> bool {
     let mut any_inbox = false;
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".shoal-format.tmp-") {
+        if name.starts_with(".shoal-format") {
             continue;
         }
         if crate::envelope::AgentId::new(&name).is_err() || !e.file_type().is_ok_and(|t| t.is_dir())
@@ -404,6 +412,9 @@ fn looks_like_bash_bus(dir: &Path) -> bool {
         };
         for p in parts.filter_map(Result::ok) {
             let p = p.file_name().to_string_lossy().into_owned();
+            if p.starts_with(".shoal") {
+                continue;
+            }
             if !PARTS.contains(&p.as_str()) {
                 return false;
             }
@@ -411,6 +422,28 @@ fn looks_like_bash_bus(dir: &Path) -> bool {
         }
     }
     any_inbox
+}
+
+/// Make an adopted bash bus private: directories 0700, files 0600 (it made them 755/644).
+fn tighten_tree(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_symlink() {
+            continue; // never follow a link planted in the tree
+        }
+        let mode = if t.is_dir() { 0o700 } else { 0o600 };
+        match fs::set_permissions(e.path(), fs::Permissions::from_mode(mode)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue, // consumed meanwhile
+            Err(err) => return Err(err),
+        }
+        if t.is_dir() {
+            tighten_tree(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn read_marker(layout: &Layout) -> Result<Marker, RootError> {

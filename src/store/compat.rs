@@ -275,6 +275,7 @@ impl CompatStore {
                 .store(existing.msgs, Ordering::Release);
             meta.shard(0, ShardField::Len)
                 .store(existing.bytes, Ordering::Release);
+            self.adopt_sequences(dir, &meta)?;
             let paths = SlotPaths {
                 lock: staging.join("recv.lock"),
                 slots: [staging.join("state.0"), staging.join("state.1")],
@@ -332,6 +333,32 @@ impl CompatStore {
                 }
             }
         }
+    }
+
+    /// Carry on each pair's sequence where the bash bus left it: it kept the last sequence
+    /// from `<from>` to `<to>` in `<from>/.sequences/<to>`.
+    fn adopt_sequences(&self, dir: &Path, meta: &Meta) -> io::Result<()> {
+        let Some(to) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            return Ok(());
+        };
+        for e in fs::read_dir(self.layout.agents_dir())?.flatten() {
+            let Ok(from) = AgentId::new(&e.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let counter = e.path().join(".sequences").join(&to);
+            let Ok(text) = fs::read_to_string(&counter) else {
+                continue;
+            };
+            let Ok(last) = text.trim().parse::<u64>() else {
+                continue;
+            };
+            match meta.slot_for(&from) {
+                Ok(i) => meta.seq(i).store(last, Ordering::Release),
+                Err(SlotError::Io(err)) => return Err(err),
+                Err(SlotError::Full) => {}
+            }
+        }
+        Ok(())
     }
 
     fn existing(&self, id: &AgentId) -> Result<Arc<Inbox>, RecvError> {
