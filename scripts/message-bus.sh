@@ -33,7 +33,15 @@ _mb_find_shoal() {
     elif _mb_shoal="$(command -v shoal 2>/dev/null)" && [ -n "$_mb_shoal" ]; then
         :
     else
-        _mb_shoal="$(dirname -- "$_mb_self")/../target/release/shoal"
+        # This repository's builds: the static one (scripts/build-static.sh) starts faster.
+        _mb_repo="$(dirname -- "$_mb_self")/.."
+        _mb_shoal="$_mb_repo/target/release/shoal"
+        for _mb_static in "$_mb_repo"/target/*/release/shoal; do
+            if [ -x "$_mb_static" ]; then
+                _mb_shoal="$_mb_static"
+                break
+            fi
+        done
     fi
     if [ ! -x "$_mb_shoal" ]; then
         log_error "shoal binary not found (set SHOAL_BIN, put shoal on PATH, or run: cargo build --release)"
