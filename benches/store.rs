@@ -108,6 +108,7 @@ impl Sender {
         let req = RecvRequest {
             max,
             lease: Duration::from_secs(30),
+            filter: None,
         };
         let mut n = 0;
         loop {

@@ -77,7 +77,7 @@ fn pong(root: &str) -> Result<(), Box<dyn std::error::Error>> {
             let payload = shoal::Payload::parse(m.payload.get(), usize::MAX)?;
             let opts = SendOptions {
                 reply_to: Some(&m.id),
-                route: None,
+                ..SendOptions::default()
             };
             bus.send_with(&me, &from, "pong", &payload, &opts)?;
             bus.ack(&me, std::slice::from_ref(&m.id))?;

@@ -30,32 +30,48 @@ pub enum Wait {
 
 /// Options for receiving.
 #[derive(Debug, Clone, Copy)]
-pub struct RecvOptions {
+pub struct RecvOptions<'a> {
     /// At most this many messages.
     pub max: usize,
     /// Lease length (see [`DEFAULT_LEASE`]).
     pub lease: Duration,
     /// Whether to block when nothing is there.
     pub wait: Wait,
+    /// Receive only matching messages, leaving the others for later (a reply, a release).
+    pub filter: Option<crate::store::Filter<'a>>,
 }
 
-impl Default for RecvOptions {
+impl Default for RecvOptions<'_> {
     fn default() -> Self {
         RecvOptions {
             max: 1000,
             lease: DEFAULT_LEASE,
             wait: Wait::No,
+            filter: None,
         }
     }
 }
 
-/// Optional fields of a message.
+/// Optional fields of a message, and how it travels.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SendOptions<'a> {
     /// Id of the message this one answers.
     pub reply_to: Option<&'a str>,
     /// Route travelled so far.
     pub route: Option<&'a [String]>,
+    /// Broadcast team (`*` for all): see [`Envelope::fanout`].
+    pub fanout: Option<&'a str>,
+    /// Coordination round context: see [`Envelope::gather`].
+    pub gather: Option<crate::envelope::Gather>,
+    /// Write the message to this agent's inbox (the next hop, a hub) instead of the recipient's.
+    pub via: Option<&'a AgentId>,
+    /// Forwarding: keep this id instead of making a new one.
+    pub id: Option<&'a str>,
+    /// Forwarding: keep this send time (microseconds).
+    pub ts: Option<u64>,
+    /// Forwarding: keep this sequence number. A message sent with `via` and no `seq` gets the
+    /// next number of the (from, to) pair, as a direct one would.
+    pub seq: Option<u64>,
 }
 
 /// Why a bus could not be opened.
@@ -215,9 +231,11 @@ impl Bus {
         opts: &SendOptions<'_>,
     ) -> Result<Receipt, SendError> {
         validate_type(kind)?;
-        let ts = now_micros();
+        let ts = opts.ts.unwrap_or_else(now_micros);
         let draft = Draft {
-            id: self.inner.ids.next(ts / 1_000_000),
+            id: opts
+                .id
+                .map_or_else(|| self.inner.ids.next(ts / 1_000_000), str::to_owned),
             from,
             to,
             kind,
@@ -225,6 +243,10 @@ impl Bus {
             payload,
             reply_to: opts.reply_to,
             route: opts.route,
+            fanout: opts.fanout,
+            gather: opts.gather,
+            via: opts.via,
+            seq: opts.seq,
         };
         self.inner.store.append(draft)
     }
@@ -264,7 +286,7 @@ impl Bus {
     ///
     /// # Errors
     /// [`RecvError`].
-    pub fn recv(&self, id: &AgentId, opts: &RecvOptions) -> Result<Vec<Envelope>, RecvError> {
+    pub fn recv(&self, id: &AgentId, opts: &RecvOptions<'_>) -> Result<Vec<Envelope>, RecvError> {
         let mut waiter = None;
         self.recv_with(id, opts, &mut waiter)
     }
@@ -276,12 +298,13 @@ impl Bus {
     pub fn recv_with(
         &self,
         id: &AgentId,
-        opts: &RecvOptions,
+        opts: &RecvOptions<'_>,
         waiter: &mut Option<Waiter>,
     ) -> Result<Vec<Envelope>, RecvError> {
         let req = RecvRequest {
             max: opts.max.max(1),
             lease: opts.lease,
+            filter: opts.filter,
         };
         let deadline = match opts.wait {
             Wait::No => return Ok(self.inner.store.receive(id, &req)?.messages),

@@ -245,6 +245,12 @@ pub struct Envelope {
     /// Agents the message passed through, sender first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<Vec<String>>,
+    /// On a broadcast: the team it fans out to (`*` for every team).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<String>,
+    /// On the request of a coordination round: how long hubs collect its replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gather: Option<Gather>,
     /// The payload, exactly as stored.
     pub payload: Box<RawValue>,
     /// Delivery count, present only on received messages, never stored.
@@ -272,6 +278,14 @@ impl Envelope {
     }
 }
 
+/// The coordination context of a round's request: replies are collected (by hubs) until the
+/// deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gather {
+    /// Milliseconds since the Unix epoch.
+    pub deadline: u64,
+}
+
 /// The fields of a message before the store gives it a sequence number.
 #[derive(Debug, Clone)]
 pub struct Draft<'a> {
@@ -291,9 +305,22 @@ pub struct Draft<'a> {
     pub reply_to: Option<&'a str>,
     /// Route so far.
     pub route: Option<&'a [String]>,
+    /// Broadcast team (see [`Envelope::fanout`]).
+    pub fanout: Option<&'a str>,
+    /// Round context (see [`Envelope::gather`]).
+    pub gather: Option<Gather>,
+    /// The next hop, whose inbox the message is written to, when that is not `to` (a hub).
+    pub via: Option<&'a AgentId>,
+    /// A sequence number already given (a forwarded message keeps the one it got when sent).
+    pub seq: Option<u64>,
 }
 
 impl Draft<'_> {
+    /// The inbox this message is written to: the next hop, or the recipient.
+    pub fn target(&self) -> &AgentId {
+        self.via.unwrap_or(self.to)
+    }
+
     /// The JSON line split around the sequence number: `prefix + seq + suffix` is the full line,
     /// newline included. The store fills in `seq` under the shard lock; everything costly is
     /// done before the lock is taken.
@@ -326,6 +353,15 @@ impl Draft<'_> {
                 write_json_str(suffix, hop);
             }
             suffix.push(b']');
+        }
+        if let Some(f) = self.fanout {
+            suffix.extend_from_slice(b",\"fanout\":");
+            write_json_str(suffix, f);
+        }
+        if let Some(g) = self.gather {
+            suffix.extend_from_slice(b",\"gather\":{\"deadline\":");
+            suffix.extend_from_slice(itoa(g.deadline).as_bytes());
+            suffix.push(b'}');
         }
         suffix.extend_from_slice(b",\"payload\":");
         suffix.extend_from_slice(self.payload.as_str().as_bytes());
@@ -525,6 +561,12 @@ mod tests {
             payload: &payload,
             reply_to: Some("msg-0-1"),
             route: Some(&route),
+            fanout: Some("team-a"),
+            gather: Some(Gather {
+                deadline: 1_795_310_780_000,
+            }),
+            via: None,
+            seq: None,
         };
         let (mut p, mut s) = (Vec::new(), Vec::new());
         d.encode_parts(&mut p, &mut s);
@@ -538,6 +580,13 @@ mod tests {
         assert_eq!(e.kind, "hello \"world\"");
         assert_eq!(e.reply_to.as_deref(), Some("msg-0-1"));
         assert_eq!(e.route.as_deref(), Some(&route[..]));
+        assert_eq!(e.fanout.as_deref(), Some("team-a"));
+        assert_eq!(
+            e.gather,
+            Some(Gather {
+                deadline: 1_795_310_780_000
+            })
+        );
         assert_eq!(e.payload.get(), payload.as_str());
         assert_eq!(e.delivery, None);
         // Serializing the parsed envelope gives the stored line back.

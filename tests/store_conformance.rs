@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::TestRoot;
-use shoal::store::{AgentSettings, SendError};
+use shoal::store::{AgentSettings, Filter, SendError};
 use shoal::{AgentId, Bus, LayoutKind, Payload, RecvOptions, Root, SendOptions, Wait};
 
 fn layouts() -> Vec<LayoutKind> {
@@ -27,11 +27,12 @@ fn id(s: &str) -> AgentId {
     AgentId::new(s).unwrap()
 }
 
-fn opts(max: usize, lease_ms: u64) -> RecvOptions {
+fn opts(max: usize, lease_ms: u64) -> RecvOptions<'static> {
     RecvOptions {
         max,
         lease: Duration::from_millis(lease_ms),
         wait: Wait::No,
+        filter: None,
     }
 }
 
@@ -51,6 +52,7 @@ fn r2_round_trip_keeps_every_field() {
                 &SendOptions {
                     reply_to: Some("msg-1-2"),
                     route: Some(&route),
+                    ..SendOptions::default()
                 },
             )
             .unwrap();
@@ -377,5 +379,144 @@ fn r2_a_waiting_receiver_is_woken_by_a_send() {
         };
         bus.ack_all(&b).unwrap();
         assert!(bus.recv(&b, &o).unwrap().is_empty());
+    });
+}
+
+#[test]
+fn r4_filtered_receive_takes_one_message_and_leaves_the_rest() {
+    each_layout("filter", |bus, _| {
+        let (a, b) = (id("a"), id("b"));
+        bus.init(&b).unwrap();
+        let sent: Vec<String> = (0..5)
+            .map(|i| bus.send_str(&a, &b, "t", &i.to_string()).unwrap().id)
+            .collect();
+        let want = sent[3].clone();
+        let f = move |e: &shoal::Envelope| e.id == want;
+        let o = RecvOptions {
+            filter: Some(Filter(&f)),
+            ..opts(10, 30_000)
+        };
+        let got = bus.recv(&b, &o).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, sent[3]);
+        bus.ack(&b, &[sent[3].clone()]).unwrap();
+        // The others are untouched and come in order; the picked one never again.
+        let rest: Vec<String> = bus
+            .recv(&b, &opts(10, 30_000))
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(
+            rest,
+            [&sent[0], &sent[1], &sent[2], &sent[4]].map(String::clone)
+        );
+        bus.ack_all(&b).unwrap();
+        assert_eq!(bus.depth(&b).unwrap().msgs, 0);
+        assert!(bus.recv(&b, &opts(10, 30_000)).unwrap().is_empty());
+    });
+}
+
+#[test]
+fn r4_forwarded_messages_keep_their_sequence_and_duplicates_are_dropped() {
+    each_layout("dedup", |bus, _| {
+        let (a, hub, b) = (id("a"), id("hub"), id("b"));
+        bus.init(&hub).unwrap();
+        bus.init(&b).unwrap();
+        // a -> b through the hub: written to the hub's inbox, numbered in b's sequence.
+        let route = vec!["a".to_owned()];
+        let via = |p: &str| {
+            bus.send_with(
+                &a,
+                &b,
+                "t",
+                &Payload::parse(p, 100).unwrap(),
+                &SendOptions {
+                    via: Some(&hub),
+                    route: Some(&route),
+                    ..SendOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        let r1 = via("1");
+        let r2 = via("2");
+        assert_eq!((r1.seq, r2.seq), (1, 2));
+        assert_eq!(bus.depth(&b).unwrap().msgs, 0, "nothing reached b yet");
+        let at_hub = bus.recv(&hub, &opts(10, 30_000)).unwrap();
+        assert_eq!(at_hub.len(), 2);
+        // The hub forwards each twice (as a hub restarted mid-batch would).
+        let hops = vec!["a".to_owned(), "hub".to_owned()];
+        for _ in 0..2 {
+            for m in &at_hub {
+                bus.send_with(
+                    &a,
+                    &b,
+                    &m.kind,
+                    &Payload::parse(m.payload.get(), 100).unwrap(),
+                    &SendOptions {
+                        id: Some(&m.id),
+                        ts: Some(m.ts),
+                        seq: Some(m.seq),
+                        route: Some(&hops),
+                        ..SendOptions::default()
+                    },
+                )
+                .unwrap();
+            }
+        }
+        let got = bus.recv(&b, &opts(10, 30_000)).unwrap();
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 2], "duplicates dropped, sequence kept");
+        assert_eq!(got[0].id, r1.id);
+        assert_eq!(got[0].route.as_deref(), Some(&hops[..]));
+        bus.ack_all(&b).unwrap();
+        assert_eq!(
+            bus.depth(&b).unwrap().msgs,
+            0,
+            "duplicates do not stay behind"
+        );
+        // A direct message of the same pair continues the sequence.
+        assert_eq!(bus.send_str(&a, &b, "t", "3").unwrap().seq, 3);
+        // Broadcast copies are recognised by id.
+        let fan = |p: &str, fid: &str| {
+            bus.send_with(
+                &a,
+                &b,
+                "all",
+                &Payload::parse(p, 100).unwrap(),
+                &SendOptions {
+                    id: Some(fid),
+                    route: Some(&hops),
+                    fanout: Some("*"),
+                    ..SendOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        fan("4", "msg-1-100");
+        fan("4", "msg-1-100");
+        fan("5", "msg-1-101");
+        let got = bus.recv(&b, &opts(10, 30_000)).unwrap();
+        let ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        assert_eq!(ids.iter().filter(|i| **i == "msg-1-100").count(), 1);
+    });
+}
+
+#[test]
+fn r4_expire_leases_hands_everything_out_again_at_once() {
+    each_layout("expire", |bus, _| {
+        let (a, b) = (id("a"), id("b"));
+        bus.init(&b).unwrap();
+        for i in 0..3 {
+            bus.send_str(&a, &b, "t", &i.to_string()).unwrap();
+        }
+        assert_eq!(bus.recv(&b, &opts(10, 3_600_000)).unwrap().len(), 3);
+        assert!(bus.recv(&b, &opts(10, 3_600_000)).unwrap().is_empty());
+        assert_eq!(bus.store().expire_leases(&b).unwrap(), 3);
+        let again = bus.recv(&b, &opts(10, 3_600_000)).unwrap();
+        assert_eq!(again.len(), 3);
+        assert!(again.iter().all(|m| m.delivery == Some(2)));
     });
 }

@@ -92,7 +92,7 @@ pub(crate) fn send(ctx: &Ctx, a: SendArgs) -> anyhow::Result<Exit> {
     let cap = a.max_payload.map_or(bus.max_payload(), |c| c as usize);
     let opts = SendOptions {
         reply_to: a.reply_to.as_deref(),
-        route: None,
+        ..SendOptions::default()
     };
     let send_one = |text: &str| -> anyhow::Result<String> {
         let payload = Payload::parse(text, cap)?;
@@ -174,6 +174,7 @@ pub(crate) fn recv(ctx: &Ctx, a: RecvArgs) -> anyhow::Result<Exit> {
             (true, None) => Wait::Forever,
             (true, Some(t)) => Wait::For(t),
         },
+        filter: None,
     };
     let msgs = bus.recv(&id, &opts)?;
     if msgs.is_empty() {
@@ -270,7 +271,7 @@ pub(crate) fn echo(ctx: &Ctx, a: EchoArgs) -> anyhow::Result<Exit> {
                 let payload = Payload::parse(m.payload.get(), usize::MAX)?;
                 let reply = SendOptions {
                     reply_to: Some(&m.id),
-                    route: None,
+                    ..SendOptions::default()
                 };
                 bus.send_with(&id, &from, &format!("{}.reply", m.kind), &payload, &reply)?;
                 answered += 1;

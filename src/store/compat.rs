@@ -24,7 +24,7 @@
 //! ```
 //!
 //! followed by a newline. Keys, order and spacing are the bash bus's; `reply_to` and `route`
-//! are added after `requires_ack` only on messages that carry them. Messages are ordered by
+//! (and `fanout`, `gather`) are added after `requires_ack` only on messages that carry them. Messages are ordered by
 //! `timestamp` (seconds, taken under the inbox lock), then `sequence`, then file name: the bash
 //! bus's order.
 
@@ -93,6 +93,10 @@ struct BashMessage {
     reply_to: Option<String>,
     #[serde(default)]
     route: Option<Vec<String>>,
+    #[serde(default)]
+    fanout: Option<String>,
+    #[serde(default)]
+    gather: Option<crate::envelope::Gather>,
 }
 
 /// Parse a message file into an envelope (`ts` has whole-second precision).
@@ -108,6 +112,8 @@ pub fn parse_bash_message(bytes: &[u8]) -> serde_json::Result<Envelope> {
         ts: m.timestamp.saturating_mul(1_000_000),
         reply_to: m.reply_to,
         route: m.route,
+        fanout: m.fanout,
+        gather: m.gather,
         payload: m.payload,
         delivery: None,
     })
@@ -123,6 +129,9 @@ struct CompatState {
     /// File names the last `receive` returned, for `clear`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     snapshot: Option<Vec<String>>,
+    /// What was delivered of routed messages, to drop their duplicates.
+    #[serde(default, flatten)]
+    dedup: super::Dedup,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,6 +321,30 @@ impl CompatStore {
             let _ = fs::remove_dir_all(&staging);
         }
         result
+    }
+
+    fn open_for_send(&self, id: &AgentId) -> Result<Arc<Inbox>, SendError> {
+        self.inbox(id)
+            .map_err(SendError::at(self.layout.agent_dir(id)))?
+            .ok_or_else(|| SendError::UnknownRecipient(id.clone()))
+    }
+
+    /// The sequence slot of `from` in `ib` (the inbox of `to`).
+    fn seq_slot(&self, ib: &Inbox, from: &AgentId, to: &AgentId) -> Result<usize, SendError> {
+        let mut slots = ib.seq_slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&i) = slots.get(from) {
+            return Ok(i);
+        }
+        let i = ib.meta.slot_for(from).map_err(|e| match e {
+            SlotError::Full => SendError::TooManySenders {
+                to: to.clone(),
+                from: from.clone(),
+                capacity: super::meta::SLOT_CAPACITY,
+            },
+            SlotError::Io(e) => SendError::at(self.layout.meta(to))(e),
+        })?;
+        slots.insert(from.clone(), i);
+        Ok(i)
     }
 
     /// Count one message sent by `from`, if it is an agent. Only its meta table is needed: a
@@ -546,44 +579,36 @@ impl Store for CompatStore {
     }
 
     fn append(&self, d: Draft<'_>) -> Result<Receipt, SendError> {
-        let dir = self.layout.agent_dir(d.to);
-        let ib = self
-            .inbox(d.to)
-            .map_err(SendError::at(&dir))?
-            .ok_or_else(|| SendError::UnknownRecipient(d.to.clone()))?;
-        let slot = {
-            let mut slots = ib.seq_slots.lock().unwrap_or_else(|e| e.into_inner());
-            match slots.get(d.from) {
-                Some(&i) => i,
-                None => {
-                    let i = ib.meta.slot_for(d.from).map_err(|e| match e {
-                        SlotError::Full => SendError::TooManySenders {
-                            to: d.to.clone(),
-                            from: d.from.clone(),
-                            capacity: super::meta::SLOT_CAPACITY,
-                        },
-                        SlotError::Io(e) => SendError::at(self.layout.meta_in(&dir))(e),
-                    })?;
-                    slots.insert(d.from.clone(), i);
-                    i
-                }
+        let target = d.target();
+        let ib = self.open_for_send(target)?;
+        // A routed message is numbered in the recipient's table (see the JSONL store).
+        let numbering = match (d.seq, d.via) {
+            (Some(given), _) => Numbering::Given(given),
+            (None, None) => Numbering::Next(Arc::clone(&ib), self.seq_slot(&ib, d.from, target)?),
+            (None, Some(_)) => {
+                let fin = self.open_for_send(d.to)?;
+                let slot = self.seq_slot(&fin, d.from, d.to)?;
+                Numbering::Next(fin, slot)
             }
         };
+        let dir = self.layout.agent_dir(target);
         let seq = {
             let _m = ib.lock_mutex.lock().unwrap_or_else(|e| e.into_inner());
             ib.lock
                 .lock()
                 .map_err(SendError::at(self.layout.inbox_lock_in(&dir)))?;
-            let r = write_message(self, &ib, &d, slot);
+            let r = write_message(self, &ib, &d, &numbering);
             let _ = ib.lock.unlock();
             r?
         };
         ib.bell.ring();
-        self.count_sent(d.from);
+        if d.seq.is_none() {
+            self.count_sent(d.from); // a forwarded message was counted when it was sent
+        }
         Ok(Receipt { id: d.id, seq })
     }
 
-    fn receive(&self, id: &AgentId, req: &RecvRequest) -> Result<Batch, RecvError> {
+    fn receive(&self, id: &AgentId, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
         let ib = self.existing(id)?;
         let mut g = ib.recv.lock(&ib.meta)?;
         let mut st = g.load()?;
@@ -609,13 +634,25 @@ impl Store for CompatStore {
             corrupt,
             ..Batch::default()
         };
-        for f in files.into_iter().take(req.max) {
+        let mut duplicates = Vec::new();
+        for f in files {
+            if batch.messages.len() >= req.max {
+                break;
+            }
             let mut env = f.env;
+            if req.filter.is_some_and(|flt| !(flt.0)(&env)) {
+                continue; // left in place for another receive
+            }
             match st.leases.iter_mut().find(|l| l.name == f.name) {
                 Some(l) => {
                     l.n += 1;
                     l.until = until;
                     env.delivery = Some(l.n);
+                }
+                None if st.dedup.seen(&env) => {
+                    duplicates.push((f.name, f.len));
+                    changed = true;
+                    continue;
                 }
                 None => {
                     st.leases.push(FileLease {
@@ -631,6 +668,9 @@ impl Store for CompatStore {
             batch.messages.push(env);
             changed = true;
         }
+        batch.duplicates = duplicates.len() as u64;
+        ib.remove_files(duplicates)
+            .map_err(RecvError::at(&ib.inbox))?;
         batch.next_expiry_ms = st.leases.iter().map(|l| l.until).min();
         if changed {
             g.save(st)?;
@@ -638,6 +678,22 @@ impl Store for CompatStore {
             g.keep(st);
         }
         Ok(batch)
+    }
+
+    fn expire_leases(&self, id: &AgentId) -> Result<usize, RecvError> {
+        let ib = self.existing(id)?;
+        let mut g = ib.recv.lock(&ib.meta)?;
+        let mut st = g.load()?;
+        let n = st.leases.len();
+        for l in &mut st.leases {
+            l.until = 0;
+        }
+        if n > 0 {
+            g.save(st)?;
+        } else {
+            g.keep(st);
+        }
+        Ok(n)
     }
 
     fn ack(&self, id: &AgentId, target: AckTarget<'_>) -> Result<AckReport, RecvError> {
@@ -746,21 +802,35 @@ fn list_names(inbox: &Path) -> io::Result<std::collections::HashSet<String>> {
 
 /// Under the inbox lock: check the quota, take the next sequence number, write the message
 /// file under a temporary name and rename it into place without replacing anything.
+/// Where a message's sequence number comes from.
+enum Numbering {
+    Given(u64),
+    Next(Arc<Inbox>, usize),
+}
+
 fn write_message(
     store: &CompatStore,
     ib: &Inbox,
     d: &Draft<'_>,
-    slot: usize,
+    numbering: &Numbering,
 ) -> Result<u64, SendError> {
+    let target = d.target();
     if ib.meta.removed() {
-        return Err(SendError::UnknownRecipient(d.to.clone()));
+        return Err(SendError::UnknownRecipient(target.clone()));
     }
-    let dir = store.layout.agent_dir(d.to);
+    let dir = store.layout.agent_dir(target);
     // The timestamp is taken under the lock, so one pair's (timestamp, sequence) order is its
-    // sending order, as the bash bus's sort expects.
-    let ts = now_micros();
-    let seq_cell = ib.meta.seq(slot);
-    let seq = seq_cell.load(Ordering::Acquire) + 1;
+    // sending order, as the bash bus's sort expects. A forwarded message keeps its own.
+    let ts = if d.seq.is_some() { d.ts } else { now_micros() };
+    let seq_cell = match numbering {
+        Numbering::Given(_) => None,
+        Numbering::Next(fin, slot) => Some(fin.meta.seq(*slot)),
+    };
+    let seq = match (numbering, seq_cell) {
+        (Numbering::Given(n), _) => *n,
+        (_, Some(c)) => c.load(Ordering::Acquire) + 1,
+        (_, None) => unreachable!("a numbered source has a cell"),
+    };
     let env = Envelope {
         v: ENVELOPE_VERSION,
         id: d.id.clone(),
@@ -771,6 +841,8 @@ fn write_message(
         ts,
         reply_to: d.reply_to.map(str::to_owned),
         route: d.route.map(<[String]>::to_vec),
+        fanout: d.fanout.map(str::to_owned),
+        gather: d.gather,
         payload: RawValue::from_string(d.payload.as_str().to_owned()).map_err(|e| {
             SendError::Io {
                 path: dir.clone(),
@@ -784,6 +856,10 @@ fn write_message(
     check_quota(ib, d, text.len() as u64)?;
     let tmp = store.layout.message_tmp_in(&dir, &d.id);
     let dest = store.layout.message_in(&dir, &d.id);
+    if d.seq.is_some() && dest.exists() {
+        // A forwarded copy of a message already here (a hub redelivering after a restart).
+        return Ok(seq);
+    }
     let written = (|| {
         let mut f = create_private_file(&tmp)?;
         f.write_all(text.as_bytes())?;
@@ -794,7 +870,9 @@ fn write_message(
         let _ = fs::remove_file(&tmp);
         return Err(SendError::at(&dest)(e));
     }
-    seq_cell.store(seq, Ordering::Release);
+    if let Some(c) = seq_cell {
+        c.store(seq, Ordering::Release);
+    }
     ib.meta
         .shard(0, ShardField::Msgs)
         .fetch_add(1, Ordering::AcqRel);
@@ -822,7 +900,7 @@ fn check_quota(ib: &Inbox, d: &Draft<'_>, len: u64) -> Result<(), SendError> {
     f(ShardField::AckedBytes).store(0, Ordering::Release);
     if over(exact.msgs, exact.bytes) {
         return Err(SendError::QuotaExceeded {
-            to: d.to.clone(),
+            to: d.target().clone(),
             pending_msgs: exact.msgs,
             pending_bytes: exact.bytes,
             quota_msgs,

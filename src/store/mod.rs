@@ -47,13 +47,26 @@ pub struct Receipt {
     pub seq: u64,
 }
 
+/// Which messages a receive hands out: only those for which the function returns `true`;
+/// the others are left as they are, for a later receive.
+#[derive(Clone, Copy)]
+pub struct Filter<'a>(pub &'a (dyn Fn(&Envelope) -> bool + Sync));
+
+impl std::fmt::Debug for Filter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Filter(..)")
+    }
+}
+
 /// What to receive.
 #[derive(Debug, Clone, Copy)]
-pub struct RecvRequest {
+pub struct RecvRequest<'a> {
     /// At most this many messages.
     pub max: usize,
     /// Lease length: unacknowledged messages are delivered again after it.
     pub lease: Duration,
+    /// Hand out only matching messages (a reply, a barrier's release, ...).
+    pub filter: Option<Filter<'a>>,
 }
 
 /// Messages handed out by one receive.
@@ -63,6 +76,8 @@ pub struct Batch {
     pub messages: Vec<Envelope>,
     /// Lines that were not valid envelopes and were skipped (and counted as consumed).
     pub corrupt: u64,
+    /// Routed messages dropped as duplicates of ones already delivered (see [`Dedup`]).
+    pub duplicates: u64,
     /// Milliseconds since the epoch at which the earliest outstanding lease expires, if any:
     /// a waiting receiver must look again by then even if nothing new arrives.
     pub next_expiry_ms: Option<u64>,
@@ -288,7 +303,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ///
     /// # Errors
     /// [`RecvError`]; nothing is leased.
-    fn receive(&self, id: &AgentId, req: &RecvRequest) -> Result<Batch, RecvError>;
+    fn receive(&self, id: &AgentId, req: &RecvRequest<'_>) -> Result<Batch, RecvError>;
+
+    /// Make every outstanding lease of the inbox expire now, so its messages can be delivered
+    /// again at once. For the inbox's only consumer taking over from a dead predecessor (a
+    /// restarted hub): it knows the old leases are held by no one. Returns how many.
+    ///
+    /// # Errors
+    /// [`RecvError`].
+    fn expire_leases(&self, id: &AgentId) -> Result<usize, RecvError>;
 
     /// Acknowledge messages: they are never delivered again and their space is reclaimed.
     ///
@@ -366,6 +389,52 @@ pub fn shard_of(from: &AgentId, shards: u32) -> usize {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     (h % u64::from(shards.max(1))) as usize
+}
+
+/// What a receiver has had of routed messages, to drop the duplicates that at-least-once
+/// forwarding by hubs can produce (a hub restarted after forwarding a message but before
+/// acknowledging it forwards it again).
+///
+/// * A routed point-to-point message keeps the sequence number it got from its sender, and
+///   one (from, to) pair always travels one path in order; so a routed message whose sequence
+///   is not above the highest one delivered from that sender is a duplicate.
+/// * Copies of a broadcast carry the broadcast's id: the last ids seen are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dedup {
+    /// Highest routed sequence delivered, per sender.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub routed: std::collections::BTreeMap<String, u64>,
+    /// Ids of the last broadcasts delivered.
+    #[serde(default, skip_serializing_if = "std::collections::VecDeque::is_empty")]
+    pub fanouts: std::collections::VecDeque<String>,
+}
+
+/// Broadcast ids remembered per receiver.
+const FANOUT_MEMORY: usize = 64;
+
+impl Dedup {
+    /// Whether `e` duplicates a routed message already delivered; if not, remember it.
+    pub fn seen(&mut self, e: &Envelope) -> bool {
+        if e.route.is_none() {
+            return false; // sent directly: the store never duplicates those
+        }
+        if e.fanout.is_some() {
+            if self.fanouts.iter().any(|id| *id == e.id) {
+                return true;
+            }
+            if self.fanouts.len() == FANOUT_MEMORY {
+                self.fanouts.pop_front();
+            }
+            self.fanouts.push_back(e.id.clone());
+            return false;
+        }
+        let hw = self.routed.entry(e.from.clone()).or_insert(0);
+        if e.seq <= *hw {
+            return true;
+        }
+        *hw = e.seq;
+        false
+    }
 }
 
 /// `mkdir` mode 0700 exactly, whatever the umask.

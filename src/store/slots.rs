@@ -204,6 +204,14 @@ impl<T: SlotState> Guard<'_, T> {
         Ok(())
     }
 
+    /// Change the cached copy without saving it: for bookkeeping that may lag behind on disk
+    /// (it is saved with the next change, and redoing it is harmless).
+    pub(crate) fn with_cached(&mut self, f: impl FnOnce(&mut T)) {
+        if let Some((_, st)) = self.cache.state.as_mut() {
+            f(st);
+        }
+    }
+
     /// Put an unchanged state back in the cache.
     pub(crate) fn keep(&mut self, st: T) {
         self.cache.state = Some((self.meta.state_ptr().load(Ordering::Acquire), st));

@@ -262,8 +262,12 @@ impl Store for JsonlStore {
         send::append(self, draft)
     }
 
-    fn receive(&self, id: &AgentId, req: &RecvRequest) -> Result<Batch, RecvError> {
+    fn receive(&self, id: &AgentId, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
         recv::receive(&*self.existing(id)?, req)
+    }
+
+    fn expire_leases(&self, id: &AgentId) -> Result<usize, RecvError> {
+        recv::expire_leases(&*self.existing(id)?)
     }
 
     fn ack(&self, id: &AgentId, target: AckTarget<'_>) -> Result<AckReport, RecvError> {

@@ -35,21 +35,36 @@ fn complete_end(inbox: &Inbox, s: usize) -> Option<u64> {
     (writing == 0).then(|| inbox.meta.shard(s, ShardField::Len).load(Ordering::Acquire))
 }
 
-/// Complete lines of one shard from its read cursor, held until the merge takes them.
+/// Complete lines of one shard from its read cursor, consumed in file order by the merge.
 struct Pending {
     arena: Vec<u8>,
     lines: Vec<(u64, usize, usize)>, // (offset, start in arena, length without newline)
     next: usize,
     head: Option<Envelope>,
+    /// What became of each line popped, in file order.
+    outcomes: Vec<(u64, u64, Outcome)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Already leased or acknowledged out of order: nothing to do.
+    TakenAhead,
+    /// Not an envelope, or a duplicate: acknowledged without delivery.
+    Consumed,
+    /// Left for another receive (the filter did not want it).
+    Left,
+    /// Leased now.
+    Delivered,
 }
 
 impl Pending {
-    fn read(inbox: &Inbox, s: usize, from: u64, max: usize) -> Result<Pending, RecvError> {
+    fn read(inbox: &Inbox, s: usize, from: u64, limit: usize) -> Result<Pending, RecvError> {
         let mut p = Pending {
             arena: Vec::new(),
             lines: Vec::new(),
             next: 0,
             head: None,
+            outcomes: Vec::new(),
         };
         let known_end = complete_end(inbox, s);
         if known_end.is_some_and(|end| end <= from) {
@@ -66,7 +81,7 @@ impl Pending {
             known_end,
             &mut buf,
             |l: Line<'_>| {
-                if p.lines.len() >= max {
+                if p.lines.len() >= limit {
                     return false;
                 }
                 p.lines.push((l.offset, p.arena.len(), l.bytes.len()));
@@ -82,37 +97,84 @@ impl Pending {
         let (off, start, len) = self.lines[i];
         (off, &self.arena[start..start + len])
     }
+
+    fn pop(&mut self, outcome: Outcome) {
+        let (off, _, len) = self.lines[self.next];
+        self.outcomes.push((off, len as u64 + 1, outcome));
+        self.next += 1;
+        self.head = None;
+    }
 }
 
-pub(super) fn receive(inbox: &Inbox, req: &RecvRequest) -> Result<Batch, RecvError> {
+pub(super) fn receive(inbox: &Inbox, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
+    match receive_once(inbox, req) {
+        // A bigger batch needs a bigger state; on a full filesystem, hand out fewer messages
+        // rather than none (the slot's reserved space holds at least a few leases).
+        Err(RecvError::StoreFull { .. }) if req.max > 1 => receive(
+            inbox,
+            &RecvRequest {
+                max: req.max / 2,
+                ..*req
+            },
+        ),
+        other => other,
+    }
+}
+
+fn receive_once(inbox: &Inbox, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
     let mut g = inbox.recv.lock(&inbox.meta)?;
     let mut st = g.load()?;
     let now = now_ms();
     let until = now + req.lease.as_millis() as u64;
+    let wanted = |e: &Envelope| req.filter.is_none_or(|f| (f.0)(e));
     let mut batch = Batch::default();
     let mut changed = false;
 
-    let expired = st.expired(now);
-    let mut next_expired = 0;
+    // Expired leases, oldest first, that the filter wants.
+    let mut expired = Vec::new();
+    let mut rec = Vec::new();
+    for (s, i) in st.expired(now) {
+        let lease = &st.shards[s].leases[i];
+        let j = inbox
+            .shard(s)
+            .map_err(|e| RecvError::at(inbox.shard_path(s))(e))?;
+        journal::read_record(j.file(), lease.off, lease.len, &mut rec)
+            .map_err(|e| RecvError::at(inbox.shard_path(s))(e))?;
+        if let Ok(e) = Envelope::parse(rec.strip_suffix(b"\n").unwrap_or(&rec))
+            && wanted(&e)
+        {
+            expired.push((s, lease.off, e));
+        }
+    }
+    let mut expired = expired.into_iter().peekable();
+
+    // New lines per shard. With a filter, unwanted lines are skipped over, so read further.
+    let limit = if req.filter.is_some() {
+        usize::MAX
+    } else {
+        req.max
+    };
     let mut shards: Vec<Pending> = Vec::with_capacity(st.shards.len());
     for (s, c) in st.shards.iter().enumerate() {
-        shards.push(Pending::read(inbox, s, c.read, req.max)?);
+        shards.push(Pending::read(inbox, s, c.read, limit)?);
     }
-    let mut redelivered: Vec<(usize, usize)> = Vec::new();
-    let mut rec = Vec::new();
 
     while batch.messages.len() < req.max {
-        // Parse each shard's head (skipping lines that are not envelopes).
+        // Bring each shard's head to the next line that could be delivered.
         for (s, p) in shards.iter_mut().enumerate() {
             while p.head.is_none() && p.next < p.lines.len() {
                 let (off, bytes) = p.line(p.next);
+                let c = &st.shards[s];
+                if off >= c.read && c.taken_ahead(off) {
+                    p.pop(Outcome::TakenAhead);
+                    continue;
+                }
                 match Envelope::parse(bytes) {
+                    Ok(e) if !wanted(&e) => p.pop(Outcome::Left),
                     Ok(e) => p.head = Some(e),
                     Err(_) => {
-                        st.shards[s].skip_line(off, bytes.len() as u64 + 1);
-                        p.next += 1;
                         batch.corrupt += 1;
-                        changed = true;
+                        p.pop(Outcome::Consumed);
                     }
                 }
             }
@@ -122,50 +184,60 @@ pub(super) fn receive(inbox: &Inbox, req: &RecvRequest) -> Result<Batch, RecvErr
             .enumerate()
             .filter_map(|(s, p)| p.head.as_ref().map(|e| (e.ts, s)))
             .min();
-        let old_min = expired
-            .get(next_expired)
-            .map(|&(s, i)| (st.shards[s].leases[i].ts, s));
+        let old_min = expired.peek().map(|(s, _, e)| (e.ts, *s));
         match (old_min, new_min) {
             (Some(o), n) if n.is_none_or(|n| o <= n) => {
-                let (s, i) = expired[next_expired];
-                next_expired += 1;
-                let lease = &st.shards[s].leases[i];
-                let j = inbox
-                    .shard(s)
-                    .map_err(|e| RecvError::at(inbox.shard_path(s))(e))?;
-                journal::read_record(j.file(), lease.off, lease.len, &mut rec)
-                    .map_err(|e| RecvError::at(inbox.shard_path(s))(e))?;
-                match Envelope::parse(rec.strip_suffix(b"\n").unwrap_or(&rec)) {
-                    Ok(mut e) => {
-                        e.delivery = Some(lease.n + 1);
-                        batch.messages.push(e);
-                        redelivered.push((s, i));
-                    }
-                    Err(_) => batch.corrupt += 1, // cannot happen for a record we parsed before
+                let Some((s, off, mut e)) = expired.next() else {
+                    break;
+                };
+                let c = &mut st.shards[s];
+                if let Some(l) = c.leases.iter_mut().find(|l| l.off == off) {
+                    l.n += 1;
+                    l.until = until;
+                    e.delivery = Some(l.n);
+                    batch.messages.push(e);
+                    changed = true;
                 }
             }
             (_, Some((_, s))) => {
                 let p = &mut shards[s];
+                let Some(mut e) = p.head.take() else { break };
                 let (off, bytes) = p.line(p.next);
                 let len = bytes.len() as u64 + 1;
-                p.next += 1;
-                let mut e = p
-                    .head
-                    .take()
-                    .unwrap_or_else(|| unreachable!("head parsed above"));
-                st.shards[s].lease_new(off, len, e.id.clone(), e.ts, until);
-                e.delivery = Some(1);
-                batch.messages.push(e);
+                if st.dedup.seen(&e) {
+                    batch.duplicates += 1;
+                    p.pop(Outcome::Consumed);
+                } else {
+                    st.shards[s].lease(off, len, e.id.clone(), e.ts, until);
+                    e.delivery = Some(1);
+                    batch.messages.push(e);
+                    p.pop(Outcome::Delivered);
+                }
                 changed = true;
             }
-            (None, None) | (Some(_), None) => break,
+            _ => break,
         }
     }
-    for (s, i) in redelivered {
-        let l = &mut st.shards[s].leases[i];
-        l.n += 1;
-        l.until = until;
-        changed = true;
+    // Move each cursor over the lines dealt with, as far as they are contiguous; past a line
+    // left for later, consumed lines are remembered in `done` and deliveries are out-of-order
+    // leases.
+    for (s, p) in shards.iter().enumerate() {
+        let c = &mut st.shards[s];
+        let mut in_order = true;
+        for &(off, len, outcome) in &p.outcomes {
+            match outcome {
+                Outcome::Left => in_order = false,
+                Outcome::Consumed => {
+                    c.consume(off, len, in_order);
+                    changed = true;
+                }
+                Outcome::TakenAhead | Outcome::Delivered if in_order => {
+                    c.advance(off, len);
+                    changed = true;
+                }
+                Outcome::TakenAhead | Outcome::Delivered => {}
+            }
+        }
     }
     batch.next_expiry_ms = st.next_expiry();
     if changed {
@@ -174,6 +246,19 @@ pub(super) fn receive(inbox: &Inbox, req: &RecvRequest) -> Result<Batch, RecvErr
         g.keep(st);
     }
     Ok(batch)
+}
+
+/// Make every lease expire now (see [`crate::store::Store::expire_leases`]).
+pub(super) fn expire_leases(inbox: &Inbox) -> Result<usize, RecvError> {
+    let mut g = inbox.recv.lock(&inbox.meta)?;
+    let mut st = g.load()?;
+    let n = st.expire_all();
+    if n > 0 {
+        g.save(st)?;
+    } else {
+        g.keep(st);
+    }
+    Ok(n)
 }
 
 pub(super) fn ack(inbox: &Inbox, target: AckTarget<'_>) -> Result<AckReport, RecvError> {
@@ -187,8 +272,8 @@ pub(super) fn ack(inbox: &Inbox, target: AckTarget<'_>) -> Result<AckReport, Rec
         },
     };
     if report.acked > 0 {
-        reclaim(inbox, &mut st);
         g.save(st)?;
+        g.with_cached(|st| reclaim(inbox, st));
     } else {
         g.keep(st);
     }
@@ -216,7 +301,9 @@ pub(super) fn peek_all(inbox: &Inbox) -> Result<Vec<Envelope>, RecvError> {
             &mut buf,
             |l| {
                 while leased.next_if(|&o| o < l.offset).is_some() {}
-                let unacked = l.offset >= c.read || leased.next_if_eq(&l.offset).is_some();
+                let is_leased = leased.next_if_eq(&l.offset).is_some();
+                let unacked =
+                    is_leased || (l.offset >= c.read && c.done.binary_search(&l.offset).is_err());
                 if unacked && let Ok(e) = Envelope::parse(l.bytes) {
                     out.push((e.ts, s, l.offset, e));
                 }
@@ -246,8 +333,10 @@ pub(super) fn clear(inbox: &Inbox) -> Result<u64, RecvError> {
             .map_err(|e| RecvError::at(inbox.shard_path(s))(e))?;
         let read = st.shards[s].read;
         let limit = ends.as_ref().and_then(|e| e.get(s).copied());
-        // Count (and find the end of) the not-yet-delivered messages up to the limit.
+        // Count (and find the end of) the not-yet-delivered messages up to the limit; those
+        // already leased or acknowledged out of order are not among them.
         let mut unread = 0u64;
+        let cursor = &st.shards[s];
         let end = journal::read_lines(
             j.file(),
             read,
@@ -258,7 +347,9 @@ pub(super) fn clear(inbox: &Inbox) -> Result<u64, RecvError> {
                 if limit.is_some_and(|lim| l.offset >= lim) {
                     return false;
                 }
-                unread += 1;
+                if !cursor.taken_ahead(l.offset) {
+                    unread += 1;
+                }
                 true
             },
         )
@@ -271,13 +362,19 @@ pub(super) fn clear(inbox: &Inbox) -> Result<u64, RecvError> {
         };
         total += st.shards[s].ack_below(end, unread);
     }
-    reclaim(inbox, &mut st);
     g.save(st)?;
+    g.with_cached(|st| reclaim(inbox, st));
     Ok(total)
 }
 
 /// Release the pages of each shard's acknowledged prefix. The page holding the prefix's last
 /// newline is kept: a writer repairing a torn tail scans back to it.
+///
+/// Only ever called on a state already saved: bytes are released after the acknowledgement
+/// that frees them is durable. (Punching first, a receiver killed before saving would leave
+/// the old state, with those messages still leased and their bytes gone.) The new `punched`
+/// is saved with the next change; until then a restarted receiver punches the same range
+/// again, which is harmless.
 fn reclaim(inbox: &Inbox, st: &mut RecvState) {
     for (s, c) in st.shards.iter_mut().enumerate() {
         let prefix = c.acked_prefix();

@@ -33,16 +33,21 @@ struct Resolved {
     checked: u64,
 }
 
-/// The recipient's inbox and the sender's sequence slot in it, from this thread's cache when
-/// the pair repeats.
-fn resolve(store: &JsonlStore, d: &Draft<'_>) -> Result<(Arc<Inbox>, usize), SendError> {
+/// The inbox of `to` and the sequence slot of `from` in it, from this thread's cache when the
+/// pair repeats.
+fn resolve(
+    store: &JsonlStore,
+    from: &AgentId,
+    to: &AgentId,
+    now_us: u64,
+) -> Result<(Arc<Inbox>, usize), SendError> {
     let cached = LAST.with(|l| {
         l.borrow()
             .as_ref()
             .filter(|r| {
                 r.store == store.instance
-                    && r.from == *d.from
-                    && r.to == *d.to
+                    && r.from == *from
+                    && r.to == *to
                     && !r.inbox.meta.removed()
             })
             .map(|r| (Arc::clone(&r.inbox), r.slot))
@@ -51,30 +56,38 @@ fn resolve(store: &JsonlStore, d: &Draft<'_>) -> Result<(Arc<Inbox>, usize), Sen
         return Ok(hit);
     }
     let inbox = store
-        .inbox(d.to)
-        .map_err(|e| SendError::at(store.layout.agent_dir(d.to))(e))?
-        .ok_or_else(|| SendError::UnknownRecipient(d.to.clone()))?;
-    let slot = inbox.slot(d.from).map_err(|e| match e {
+        .inbox(to)
+        .map_err(|e| SendError::at(store.layout.agent_dir(to))(e))?
+        .ok_or_else(|| SendError::UnknownRecipient(to.clone()))?;
+    let slot = inbox.slot(from).map_err(|e| match e {
         SlotError::Full => SendError::TooManySenders {
-            to: d.to.clone(),
-            from: d.from.clone(),
+            to: to.clone(),
+            from: from.clone(),
             capacity: crate::store::meta::SLOT_CAPACITY,
         },
         SlotError::Io(e) => SendError::at(store.layout.meta_in(&inbox.dir))(e),
     })?;
-    let sender = store.inbox(d.from).ok().flatten();
+    let sender = store.inbox(from).ok().flatten();
     LAST.with(|l| {
         *l.borrow_mut() = Some(Resolved {
             store: store.instance,
-            from: d.from.clone(),
-            to: d.to.clone(),
+            from: from.clone(),
+            to: to.clone(),
             inbox: Arc::clone(&inbox),
             slot,
             sender,
-            checked: d.ts,
+            checked: now_us,
         })
     });
     Ok((inbox, slot))
+}
+
+/// Where a message's sequence number comes from.
+enum SeqSource {
+    /// Already given (a forwarded message).
+    Given(u64),
+    /// The next number of the (from, to) pair, in this inbox's table, slot `.1`.
+    Next(Arc<Inbox>, usize),
 }
 
 /// Count one message sent by `d.from`, if it is an agent (senders need not be one). A sender
@@ -101,7 +114,32 @@ fn count_sent(store: &JsonlStore, d: &Draft<'_>) {
 }
 
 pub(super) fn append(store: &JsonlStore, d: Draft<'_>) -> Result<Receipt, SendError> {
-    let (inbox, slot) = resolve(store, &d)?;
+    // A routed message is written to the next hop, but numbered in the recipient's table, so
+    // the pair's sequence is the same whichever way it travels. All of one sender's routed
+    // messages to one recipient go through the same first hop and shard lock, which keeps
+    // numbering and order together.
+    let (inbox, seq_source) = match (d.seq, d.via) {
+        (Some(given), _) => {
+            let target = d.target();
+            let inbox = store
+                .inbox(target)
+                .map_err(|e| SendError::at(store.layout.agent_dir(target))(e))?
+                .ok_or_else(|| SendError::UnknownRecipient(target.clone()))?;
+            (inbox, SeqSource::Given(given))
+        }
+        (None, None) => {
+            let (inbox, slot) = resolve(store, d.from, d.to, d.ts)?;
+            (Arc::clone(&inbox), SeqSource::Next(inbox, slot))
+        }
+        (None, Some(via)) => {
+            let (fin, slot) = resolve(store, d.from, d.to, d.ts)?;
+            let hop = store
+                .inbox(via)
+                .map_err(|e| SendError::at(store.layout.agent_dir(via))(e))?
+                .ok_or_else(|| SendError::UnknownRecipient(via.clone()))?;
+            (hop, SeqSource::Next(fin, slot))
+        }
+    };
     let meta = &inbox.meta;
     let s = shard_of(d.from, meta.shards() as u32);
     let journal = inbox
@@ -117,18 +155,25 @@ pub(super) fn append(store: &JsonlStore, d: Draft<'_>) -> Result<Receipt, SendEr
             .unwrap_or_else(|e| e.into_inner());
         let mut g = journal.lock().map_err(SendError::at(journal.path()))?;
         if meta.removed() {
-            return Err(SendError::UnknownRecipient(d.to.clone()));
+            return Err(SendError::UnknownRecipient(d.target().clone()));
         }
         let field = |f| meta.shard(s, f);
-        let seq_cell = meta.seq(slot);
-        let seq = seq_cell.load(Ordering::Acquire) + 1;
+        let seq_cell = match &seq_source {
+            SeqSource::Given(_) => None,
+            SeqSource::Next(ib, slot) => Some(ib.meta.seq(*slot)),
+        };
+        let seq = match (&seq_source, seq_cell) {
+            (SeqSource::Given(n), _) => *n,
+            (_, Some(c)) => c.load(Ordering::Acquire) + 1,
+            (_, None) => unreachable!("a numbered source has a cell"),
+        };
         line.extend_from_slice(itoa(seq).as_bytes());
         line.extend_from_slice(suffix);
         let (pending_msgs, pending_bytes) = meta.pending();
         let (quota_msgs, quota_bytes) = meta.quota();
         if pending_msgs + 1 > quota_msgs || pending_bytes + line.len() as u64 > quota_bytes {
             return Err(SendError::QuotaExceeded {
-                to: d.to.clone(),
+                to: d.target().clone(),
                 pending_msgs,
                 pending_bytes,
                 quota_msgs,
@@ -139,7 +184,9 @@ pub(super) fn append(store: &JsonlStore, d: Draft<'_>) -> Result<Receipt, SendEr
             .then(|| field(ShardField::Len).load(Ordering::Acquire));
         // The sequence is stored before the write: a sender killed mid-append leaves a gap in the
         // pair's sequence, never a duplicate.
-        seq_cell.store(seq, Ordering::Release);
+        if let Some(c) = seq_cell {
+            c.store(seq, Ordering::Release);
+        }
 
         field(ShardField::Writing).store(1, Ordering::Release);
         match g.append(line, trusted) {
@@ -159,7 +206,9 @@ pub(super) fn append(store: &JsonlStore, d: Draft<'_>) -> Result<Receipt, SendEr
             Err(e) => {
                 // The file was cut back; `Writing` stays set so the next writer re-reads the
                 // length from the file rather than trusting the table.
-                seq_cell.store(seq - 1, Ordering::Release);
+                if let Some(c) = seq_cell {
+                    c.store(seq - 1, Ordering::Release);
+                }
                 Err(match e {
                     AppendError::NoSpace { path } => SendError::StoreFull { path },
                     AppendError::Io { path, source } => SendError::Io { path, source },
@@ -175,7 +224,9 @@ pub(super) fn append(store: &JsonlStore, d: Draft<'_>) -> Result<Receipt, SendEr
         }
     })?;
     inbox.bell.ring();
-    count_sent(store, &d);
+    if d.seq.is_none() {
+        count_sent(store, &d); // a forwarded message was counted when it was sent
+    }
     Ok(Receipt { id: d.id, seq })
 }
 

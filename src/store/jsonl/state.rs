@@ -13,9 +13,11 @@
 //! up to: `clear` acknowledges exactly the messages before them.
 //!
 //! Invariant, per shard: every message before `read` was delivered at least once; of those, the
-//! ones with a lease are unacknowledged and all others are acknowledged. So the acknowledged
-//! prefix ends at the first lease (or at `read`), and offsets only grow: reclaimed space is
-//! released by punching holes below that prefix, never by moving data.
+//! ones with a lease are unacknowledged and all others are acknowledged. Past `read`, a message
+//! may already be leased (a filtered receive picked it out of order) or acknowledged (it is in
+//! `done`); every other one there is undelivered. So the acknowledged prefix ends at the first
+//! lease (or at `read`), and offsets only grow: reclaimed space is released by punching holes
+//! below that prefix, never by moving data.
 
 use std::collections::HashSet;
 
@@ -39,6 +41,9 @@ pub(crate) struct RecvState {
     /// Shard ends read by the last `receive`, for `clear`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) snapshot: Option<Vec<u64>>,
+    /// What was delivered of routed messages, to drop their duplicates.
+    #[serde(default, flatten)]
+    pub(crate) dedup: crate::store::Dedup,
 }
 
 /// One shard's cursor and leases.
@@ -54,6 +59,9 @@ pub(crate) struct ShardCursor {
     /// Delivered, unacknowledged messages, sorted by offset.
     #[serde(default)]
     pub(crate) leases: Vec<Lease>,
+    /// Offsets past `read` of messages already acknowledged, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) done: Vec<u64>,
 }
 
 /// A delivered, unacknowledged message.
@@ -76,38 +84,91 @@ pub(crate) struct Lease {
 impl ShardCursor {
     /// End of the acknowledged prefix.
     pub(crate) fn acked_prefix(&self) -> u64 {
-        self.leases.first().map_or(self.read, |l| l.off)
+        self.leases
+            .first()
+            .map_or(self.read, |l| l.off)
+            .min(self.read)
     }
 
-    /// Record the delivery of a new message at `off..off+len`.
-    pub(crate) fn lease_new(&mut self, off: u64, len: u64, id: String, ts: u64, until: u64) {
-        debug_assert!(off >= self.read, "new message behind the read cursor");
-        self.leases.push(Lease {
-            off,
-            len,
-            id,
-            ts,
-            n: 1,
-            until,
-        });
-        self.read = off + len;
+    /// Lease the message at `off..off+len` (first delivery). Does not move `read`.
+    pub(crate) fn lease(&mut self, off: u64, len: u64, id: String, ts: u64, until: u64) {
+        let at = self.leases.partition_point(|l| l.off < off);
+        debug_assert!(
+            self.leases.get(at).is_none_or(|l| l.off != off),
+            "leased twice"
+        );
+        self.leases.insert(
+            at,
+            Lease {
+                off,
+                len,
+                id,
+                ts,
+                n: 1,
+                until,
+            },
+        );
     }
 
-    /// Step over a line that is not a message (counted as consumed).
-    pub(crate) fn skip_line(&mut self, off: u64, len: u64) {
+    /// Whether the message at `off` (past `read`) is already leased or acknowledged.
+    pub(crate) fn taken_ahead(&self, off: u64) -> bool {
+        self.done.binary_search(&off).is_ok()
+            || self.leases.binary_search_by_key(&off, |l| l.off).is_ok()
+    }
+
+    /// Move `read` past the line at `off..off+len`, which is the next one and is delivered,
+    /// leased or acknowledged.
+    pub(crate) fn advance(&mut self, off: u64, len: u64) {
         debug_assert!(off >= self.read);
         self.read = off + len;
+        let passed = self.done.partition_point(|&d| d < self.read);
+        self.done.drain(..passed);
+    }
+
+    /// Acknowledge the line at `off..off+len` without delivering it (not a message, or a
+    /// duplicate). `in_order`: it is the next line, so `read` moves past it.
+    pub(crate) fn consume(&mut self, off: u64, len: u64, in_order: bool) {
         self.acked_msgs += 1;
+        if in_order {
+            self.advance(off, len);
+        } else {
+            let at = self.done.partition_point(|&d| d < off);
+            self.done.insert(at, off);
+        }
+    }
+
+    /// Remove the leases matching `pred`, acknowledging their messages; those past `read` go
+    /// to `done`. Returns the removed leases.
+    fn ack_where(&mut self, mut pred: impl FnMut(&Lease) -> bool) -> Vec<Lease> {
+        let mut taken = Vec::new();
+        let mut kept = Vec::with_capacity(self.leases.len());
+        for l in self.leases.drain(..) {
+            if pred(&l) {
+                taken.push(l)
+            } else {
+                kept.push(l)
+            }
+        }
+        self.leases = kept;
+        for l in &taken {
+            self.acked_msgs += 1;
+            if l.off >= self.read {
+                let at = self.done.partition_point(|&d| d < l.off);
+                self.done.insert(at, l.off);
+            }
+        }
+        taken
     }
 
     /// Acknowledge every message before `end`: leased ones, and `unread` messages between
-    /// `read` and `end` that were never delivered. Returns how many were acknowledged.
+    /// `read` and `end` that were neither leased nor acknowledged. Returns how many.
     pub(crate) fn ack_below(&mut self, end: u64, unread: u64) -> u64 {
-        let before = self.leases.len();
-        self.leases.retain(|l| l.off >= end);
-        let n = (before - self.leases.len()) as u64 + if end > self.read { unread } else { 0 };
-        self.read = self.read.max(end);
-        self.acked_msgs += n;
+        let leased = self.ack_where(|l| l.off < end).len() as u64;
+        let n = leased + if end > self.read { unread } else { 0 };
+        self.acked_msgs += n - leased;
+        if end > self.read {
+            self.advance(self.read, end - self.read);
+        }
         n
     }
 }
@@ -119,6 +180,7 @@ impl RecvState {
             v: STATE_VERSION,
             shards: vec![ShardCursor::default(); shards],
             snapshot: None,
+            dedup: crate::store::Dedup::default(),
         }
     }
 
@@ -153,16 +215,9 @@ impl RecvState {
         let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
         let mut found: HashSet<String> = HashSet::new();
         for c in &mut self.shards {
-            let before = c.leases.len();
-            c.leases.retain(|l| {
-                if wanted.contains(l.id.as_str()) && !found.contains(&l.id) {
-                    found.insert(l.id.clone());
-                    false
-                } else {
-                    true
-                }
-            });
-            c.acked_msgs += (before - c.leases.len()) as u64;
+            for l in c.ack_where(|l| wanted.contains(l.id.as_str()) && !found.contains(&l.id)) {
+                found.insert(l.id);
+            }
         }
         let mut unknown: Vec<String> = Vec::new();
         for id in ids {
@@ -178,11 +233,18 @@ impl RecvState {
 
     /// Acknowledge every delivered message.
     pub(crate) fn ack_all(&mut self) -> usize {
+        self.shards
+            .iter_mut()
+            .map(|c| c.ack_where(|_| true).len())
+            .sum()
+    }
+
+    /// Make every lease expire now (the inbox's new owner takes over what a dead one held).
+    pub(crate) fn expire_all(&mut self) -> usize {
         let mut n = 0;
-        for c in &mut self.shards {
-            n += c.leases.len();
-            c.acked_msgs += c.leases.len() as u64;
-            c.leases.clear();
+        for l in self.shards.iter_mut().flat_map(|c| c.leases.iter_mut()) {
+            l.until = 0;
+            n += 1;
         }
         n
     }
@@ -231,46 +293,87 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A model: each message is (shard, off, len, id); the state must agree with a plain set.
+    /// A model: message k of shard s sits at offset k * 10; its state is 0 unread, 1 leased,
+    /// 2 acknowledged. Operations mirror what receive, filtered receive, ack and clear do.
     #[derive(Debug, Clone)]
     enum Op {
+        /// A normal receive of up to n messages from the read cursor.
         Deliver(usize, usize),
+        /// A filtered receive picking message k (past the cursor) out of order.
+        DeliverAhead(usize, usize),
+        /// A duplicate or corrupt line at k, consumed without delivery.
+        Consume(usize, usize),
         AckId(usize),
         AckAll,
         Clear(usize, usize),
     }
 
+    const PER_SHARD: usize = 12;
+    const REC: u64 = 10;
+
     fn ops() -> impl Strategy<Value = Vec<Op>> {
         prop::collection::vec(
             prop_oneof![
                 (0usize..3, 1usize..5).prop_map(|(s, k)| Op::Deliver(s, k)),
+                (0usize..3, 0usize..PER_SHARD).prop_map(|(s, k)| Op::DeliverAhead(s, k)),
+                (0usize..3, 0usize..PER_SHARD).prop_map(|(s, k)| Op::Consume(s, k)),
                 (0usize..40).prop_map(Op::AckId),
                 Just(Op::AckAll),
-                (0usize..3, 0usize..13).prop_map(|(s, k)| Op::Clear(s, k)),
+                (0usize..3, 0usize..=PER_SHARD).prop_map(|(s, k)| Op::Clear(s, k)),
             ],
-            0..60,
+            0..80,
         )
+    }
+
+    fn id(s: usize, k: usize) -> String {
+        format!("m{s}-{k}")
     }
 
     proptest! {
         /// Cursor arithmetic: the acknowledged prefix never passes an unacknowledged message,
-        /// acked_msgs counts each message once, and read never moves backwards.
+        /// acked_msgs counts each message once, read never moves backwards, and a normal
+        /// receive never hands out a message already leased or acknowledged out of order.
         #[test]
         fn cursors_agree_with_a_model(ops in ops()) {
-            const PER_SHARD: usize = 12;
-            let rec_len = 10u64;
             let mut st = RecvState::new(3);
-            // Model: per message (shard, k): state 0 = unread, 1 = leased, 2 = acked.
-            let mut model = [[0u8; PER_SHARD]; 3];
-            let id = |s: usize, k: usize| format!("m{s}-{k}");
+            let mut model = vec![[0u8; PER_SHARD]; 3];
             for op in ops {
                 match op {
                     Op::Deliver(s, n) => {
-                        for _ in 0..n {
-                            let k = (st.shards[s].read / rec_len) as usize;
+                        let c = &mut st.shards[s];
+                        let mut handed = 0;
+                        while handed < n {
+                            let k = (c.read / REC) as usize;
                             if k >= PER_SHARD { break; }
-                            st.shards[s].lease_new(k as u64 * rec_len, rec_len, id(s, k), k as u64, 0);
+                            if c.taken_ahead(k as u64 * REC) {
+                                prop_assert!(model[s][k] != 0);
+                                c.advance(k as u64 * REC, REC);
+                                continue;
+                            }
+                            prop_assert_eq!(model[s][k], 0, "handing out a taken message");
+                            c.lease(k as u64 * REC, REC, id(s, k), k as u64, 0);
+                            c.advance(k as u64 * REC, REC);
                             model[s][k] = 1;
+                            handed += 1;
+                        }
+                    }
+                    Op::DeliverAhead(s, k) => {
+                        let c = &mut st.shards[s];
+                        let off = k as u64 * REC;
+                        if off >= c.read && !c.taken_ahead(off) {
+                            prop_assert_eq!(model[s][k], 0);
+                            c.lease(off, REC, id(s, k), k as u64, 0);
+                            model[s][k] = 1;
+                        }
+                    }
+                    Op::Consume(s, k) => {
+                        let c = &mut st.shards[s];
+                        let off = k as u64 * REC;
+                        if off >= c.read && !c.taken_ahead(off) {
+                            prop_assert_eq!(model[s][k], 0);
+                            let in_order = off == c.read;
+                            c.consume(off, REC, in_order);
+                            model[s][k] = 2;
                         }
                     }
                     Op::AckId(x) => {
@@ -286,22 +389,34 @@ mod tests {
                         for m in model.iter_mut().flatten() { if *m == 1 { *m = 2; } }
                     }
                     Op::Clear(s, k) => {
-                        let end = k as u64 * rec_len;
-                        let read_k = (st.shards[s].read / rec_len) as usize;
-                        let unread = k.saturating_sub(read_k) as u64;
+                        let end = k as u64 * REC;
+                        let c = &mut st.shards[s];
+                        let read_k = (c.read / REC) as usize;
+                        // Undelivered messages between read and end (what clear counts).
+                        let unread = (read_k..k).filter(|&j| model[s][j] == 0).count() as u64;
                         let expect = model[s][..k].iter().filter(|&&m| m != 2).count() as u64;
-                        let before = st.shards[s].read;
-                        prop_assert_eq!(st.shards[s].ack_below(end, unread), expect);
-                        prop_assert!(st.shards[s].read >= before);
+                        let before = c.read;
+                        prop_assert_eq!(c.ack_below(end, unread), expect);
+                        prop_assert!(c.read >= before);
                         for m in &mut model[s][..k] { *m = 2; }
                     }
                 }
                 for (s, c) in st.shards.iter().enumerate() {
                     let acked = model[s].iter().filter(|&&m| m == 2).count() as u64;
                     prop_assert_eq!(c.acked_msgs, acked);
-                    let first_unacked = model[s].iter().position(|&m| m != 2).unwrap_or(PER_SHARD) as u64 * rec_len;
+                    let first_unacked = model[s].iter().position(|&m| m != 2).unwrap_or(PER_SHARD) as u64 * REC;
                     prop_assert_eq!(c.acked_prefix(), first_unacked.min(c.read));
                     prop_assert!(c.leases.windows(2).all(|w| w[0].off < w[1].off));
+                    prop_assert!(c.done.windows(2).all(|w| w[0] < w[1]));
+                    prop_assert!(c.done.iter().all(|&d| d >= c.read));
+                    for (k, &m) in model[s].iter().enumerate() {
+                        let off = k as u64 * REC;
+                        let leased = c.leases.iter().any(|l| l.off == off);
+                        prop_assert_eq!(leased, m == 1, "lease of {}-{}", s, k);
+                        if off >= c.read {
+                            prop_assert_eq!(c.done.contains(&off), m == 2, "done of {}-{}", s, k);
+                        }
+                    }
                 }
             }
         }
