@@ -856,8 +856,8 @@ fn write_message(
     check_quota(ib, d, text.len() as u64)?;
     let tmp = store.layout.message_tmp_in(&dir, &d.id);
     let dest = store.layout.message_in(&dir, &d.id);
-    if d.seq.is_some() && dest.exists() {
-        // A forwarded copy of a message already here (a hub redelivering after a restart).
+    if d.route.is_some() && dest.exists() {
+        // A routed copy of a message already here: a hub forwarding again after a restart.
         return Ok(seq);
     }
     let written = (|| {

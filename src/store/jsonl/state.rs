@@ -336,7 +336,7 @@ mod tests {
         #[test]
         fn cursors_agree_with_a_model(ops in ops()) {
             let mut st = RecvState::new(3);
-            let mut model = vec![[0u8; PER_SHARD]; 3];
+            let mut model = [[0u8; PER_SHARD]; 3];
             for op in ops {
                 match op {
                     Op::Deliver(s, n) => {
