@@ -164,6 +164,11 @@ impl Bus {
         &*self.inner.store
     }
 
+    /// A new message id (for a message sent as several copies, like a broadcast).
+    pub fn next_id(&self) -> String {
+        self.inner.ids.next(now_micros() / 1_000_000)
+    }
+
     /// The payload cap applied by [`Bus::send_str`] and [`Bus::send_json`].
     pub fn max_payload(&self) -> usize {
         self.inner.max_payload
@@ -301,18 +306,53 @@ impl Bus {
         opts: &RecvOptions<'_>,
         waiter: &mut Option<Waiter>,
     ) -> Result<Vec<Envelope>, RecvError> {
+        self.wait_loop(id, opts, waiter, &mut |store, req| store.receive(id, req))
+    }
+
+    /// Receive and handle in one step (see [`Store::consume`]): `handle` gets each batch while
+    /// the receiver lock is held, and if it returns `true` the batch is acknowledged with the
+    /// same state update. Waits as `opts.wait` says; returns the batch handled (empty after a
+    /// timeout).
+    ///
+    /// # Errors
+    /// As [`Bus::recv`].
+    pub fn consume_with(
+        &self,
+        id: &AgentId,
+        opts: &RecvOptions<'_>,
+        waiter: &mut Option<Waiter>,
+        handle: &mut dyn FnMut(&[Envelope]) -> bool,
+    ) -> Result<Vec<Envelope>, RecvError> {
+        self.wait_loop(id, opts, waiter, &mut |store, req| {
+            store.consume(id, req, handle)
+        })
+    }
+
+    /// Fetch (receive or consume) until something comes, the deadline passes, or (without
+    /// waiting) once.
+    fn wait_loop(
+        &self,
+        id: &AgentId,
+        opts: &RecvOptions<'_>,
+        waiter: &mut Option<Waiter>,
+        fetch: &mut dyn FnMut(
+            &dyn Store,
+            &RecvRequest<'_>,
+        ) -> Result<crate::store::Batch, RecvError>,
+    ) -> Result<Vec<Envelope>, RecvError> {
+        let store = &*self.inner.store;
         let req = RecvRequest {
             max: opts.max.max(1),
             lease: opts.lease,
             filter: opts.filter,
         };
         let deadline = match opts.wait {
-            Wait::No => return Ok(self.inner.store.receive(id, &req)?.messages),
+            Wait::No => return Ok(fetch(store, &req)?.messages),
             Wait::Forever => None,
             Wait::For(d) => Some(Instant::now() + d),
         };
         if waiter.is_none() {
-            let target = self.inner.store.wake_target(id)?;
+            let target = store.wake_target(id)?;
             let w =
                 Waiter::new(&target, self.inner.wake).map_err(RecvError::at(&target.watch_dir))?;
             *waiter = Some(w);
@@ -322,7 +362,7 @@ impl Bus {
         };
         loop {
             w.prepare();
-            let batch = match self.inner.store.receive(id, &req) {
+            let batch = match fetch(store, &req) {
                 Ok(b) => b,
                 Err(e) => {
                     w.disarm();

@@ -14,6 +14,8 @@
 //!                                  the meta table says which one is current (see store::slots)
 //!     recv.lock                    flock(2) held while the receiver state is read and rewritten
 //!   agents/.staging-*, .trash-*    transient: agents are created and removed by rename
+//!   topology.json                  teams and hubs, when planned (see crate::coord::topology)
+//!   .shoal-topology.lock           flock held while the topology changes
 //! ```
 //!
 //! The `compat` layout, the bash `message-bus.sh` layout that scripts read directly:
@@ -25,6 +27,7 @@
 //!   <id>/inbox/.lock               flock(2) held while a message is added (as the bash bus did)
 //!   <id>/outbox/                   kept empty: shoal counts sent messages instead of copying them
 //!   <id>/.shoal/meta, state.0, state.1, recv.lock   as above
+//!   .shoal-topology.json           teams and hubs, when planned
 //! ```
 //!
 //! Agent ids are validated ([`AgentId`]) before they reach this module, so every path built here
@@ -194,5 +197,28 @@ impl Layout {
     /// An agent's meta file.
     pub fn meta(&self, id: &AgentId) -> PathBuf {
         self.meta_in(&self.agent_dir(id))
+    }
+
+    /// The lock a process running as this agent holds while it lives (a hub, later any agent).
+    pub fn alive_lock(&self, id: &AgentId) -> PathBuf {
+        self.internals_in(&self.agent_dir(id)).join("alive.lock")
+    }
+
+    /// The topology (teams and hubs).
+    pub fn topology(&self) -> PathBuf {
+        self.root.join(match self.kind {
+            LayoutKind::Jsonl => "topology.json",
+            LayoutKind::Compat => ".shoal-topology.json",
+        })
+    }
+
+    /// Temporary name the topology is written under before the rename.
+    pub fn topology_tmp(&self) -> PathBuf {
+        self.root.join(".shoal-topology.json.tmp")
+    }
+
+    /// Held while the topology is read and rewritten.
+    pub fn topology_lock(&self) -> PathBuf {
+        self.root.join(".shoal-topology.lock")
     }
 }

@@ -50,6 +50,7 @@
 
 pub mod bus;
 pub mod compat;
+pub mod coord;
 pub mod envelope;
 pub mod journal;
 pub mod layout;

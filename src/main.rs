@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 /// Local agents coordinating through JSONL inboxes on tmpfs.
 ///
 /// Root directory: --root, else SHOAL_ROOT, else MESSAGE_BASE_DIR, else /dev/shm/shoal-<uid>.
-/// Exit status: 0 ok, 1 error, 75 inbox full (retry later), 124 `recv --wait` timed out.
+/// Exit status: 0 ok, 1 error, 3 round incomplete, 75 inbox full (retry later), 124 timed out.
 #[derive(Debug, Parser)]
 #[command(name = "shoal", version, max_term_width = 100)]
 struct Cli {
@@ -57,8 +57,25 @@ enum Command {
     InitSystem,
     /// message-bus.sh `cleanup-system`: remove the whole root.
     CleanupSystem,
+    /// Plan or show the topology (teams and hubs).
+    #[command(subcommand)]
+    Topology(cli::coord::TopologyCmd),
+    /// Run the hub of a team (forwarding, fan-out, aggregating replies) until killed.
+    Hub(cli::coord::HubArgs),
+    /// Send one message to every agent (or a team), fanned out through the hubs; prints its id.
+    Broadcast(cli::coord::BroadcastArgs),
+    /// A coordination round: request to every agent (or a team), one reply from each.
+    /// Exit status 0 if all replied, 3 if some did not.
+    Gather(cli::coord::GatherArgs),
+    /// Send a request and print its reply (exit status 124 on timeout).
+    Request(cli::coord::RequestArgs),
+    /// Wait until every member of a set reaches a named barrier.
+    Barrier(cli::coord::BarrierArgs),
     /// Run a real demo: agent processes on the root, coordination rounds, throughput.
     Demo(cli::demo::DemoArgs),
+    /// Benchmarks that need real processes (criterion benchmarks: `cargo bench`).
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCmd),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +91,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    shoal::sys::raise_fd_limit();
     let ctx = cli::Ctx::new(cli.root, cli.bash_logs, cli.layout);
     let result = match cli.command {
         Command::Init(a) => cli::bus::init(&ctx, a),
@@ -88,7 +106,14 @@ fn main() -> ExitCode {
         Command::Cleanup(a) => cli::verbs::cleanup(&ctx, a),
         Command::InitSystem => cli::verbs::init_system(&ctx),
         Command::CleanupSystem => cli::verbs::cleanup_system(&ctx),
+        Command::Topology(c) => cli::coord::topology(&ctx, c),
+        Command::Hub(a) => cli::coord::hub(&ctx, a),
+        Command::Broadcast(a) => cli::coord::broadcast(&ctx, a),
+        Command::Gather(a) => cli::coord::gather(&ctx, a),
+        Command::Request(a) => cli::coord::request(&ctx, a),
+        Command::Barrier(a) => cli::coord::barrier(&ctx, a),
         Command::Demo(a) => cli::demo::run(&ctx, a),
+        Command::Bench(c) => cli::bench::run(&ctx, c),
     };
     ExitCode::from(ctx.finish(result) as u8)
 }

@@ -23,6 +23,12 @@ pub(crate) struct InitArgs {
     /// Inbox quota in unconsumed bytes, e.g. 64m (default: the root's, 64 MiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     quota_bytes: Option<u64>,
+    /// Join this team (created, with its hub, if new).
+    #[arg(long, value_name = "TEAM")]
+    team: Option<String>,
+    /// The team's hub (default hub-<team>).
+    #[arg(long, value_name = "HUB", requires = "team")]
+    hub: Option<String>,
 }
 
 pub(crate) fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<Exit> {
@@ -32,6 +38,18 @@ pub(crate) fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<Exit> {
         .iter()
         .map(|s| AgentId::new(s))
         .collect::<Result<Vec<_>, _>>()?;
+    let team = a
+        .team
+        .as_deref()
+        .map(AgentId::new)
+        .transpose()
+        .context("team")?;
+    let hub = a
+        .hub
+        .as_deref()
+        .map(AgentId::new)
+        .transpose()
+        .context("hub")?;
     let bus = ctx.bus(true)?;
     let d = bus.default_settings();
     let settings = AgentSettings {
@@ -48,6 +66,9 @@ pub(crate) fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<Exit> {
         ctx.log(&format!("  Inbox: {}", layout.inbox_in(&dir).display()));
         if layout.kind() == shoal::LayoutKind::Compat {
             ctx.log(&format!("  Outbox: {}", layout.outbox_in(&dir).display()));
+        }
+        if let Some(t) = &team {
+            super::coord::join(ctx, id, t, hub.as_ref())?;
         }
     }
     Ok(Exit::Ok)
@@ -90,13 +111,14 @@ pub(crate) fn send(ctx: &Ctx, a: SendArgs) -> anyhow::Result<Exit> {
         Err(e) => return Err(e),
     };
     let cap = a.max_payload.map_or(bus.max_payload(), |c| c as usize);
+    let mesh = shoal::coord::Mesh::open(bus.clone())?;
     let opts = SendOptions {
         reply_to: a.reply_to.as_deref(),
         ..SendOptions::default()
     };
     let send_one = |text: &str| -> anyhow::Result<String> {
         let payload = Payload::parse(text, cap)?;
-        let r = bus.send_with(&from, &to, &a.kind, &payload, &opts)?;
+        let r = mesh.send(&from, &to, &a.kind, &payload, &opts)?;
         ctx.log(&format!(
             "Sent message: {from} -> {to} [{}] ({})",
             a.kind, r.id
@@ -241,6 +263,9 @@ pub(crate) struct EchoArgs {
     /// Exit after this long without a message.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     idle_exit: Option<Duration>,
+    /// Work this long on each batch before answering (to simulate a busy agent).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    delay: Option<Duration>,
 }
 
 /// Answer every message with `<type>.reply`, same payload, `reply_to` set; a message of type
@@ -250,6 +275,9 @@ pub(crate) fn echo(ctx: &Ctx, a: EchoArgs) -> anyhow::Result<Exit> {
     let id = AgentId::new(&a.id)?;
     let bus = ctx.bus(true)?;
     bus.init(&id)?;
+    // The echo agent is its inbox's one consumer for as long as it runs.
+    bus.store().own_receiver(&id)?;
+    let mesh = shoal::coord::Mesh::open(bus.clone())?;
     let opts = RecvOptions {
         max: 256,
         wait: a.idle_exit.map_or(Wait::Forever, Wait::For),
@@ -258,27 +286,45 @@ pub(crate) fn echo(ctx: &Ctx, a: EchoArgs) -> anyhow::Result<Exit> {
     let mut waiter = None;
     let mut answered = 0u64;
     loop {
-        let msgs = bus.recv_with(&id, &opts, &mut waiter)?;
-        if msgs.is_empty() {
-            return Ok(Exit::Ok); // idle for --idle-exit
-        }
-        let mut ids = Vec::with_capacity(msgs.len());
+        // Answer inside the receive: the batch is acknowledged with the same state update.
         let mut stop = false;
-        for m in msgs {
-            if m.kind == "shutdown" {
-                stop = true;
-            } else if let Ok(from) = AgentId::new(&m.from) {
-                let payload = Payload::parse(m.payload.get(), usize::MAX)?;
+        let mut failed: Option<anyhow::Error> = None;
+        let mut handle = |msgs: &[shoal::Envelope]| -> bool {
+            if let Some(d) = a.delay {
+                std::thread::sleep(d);
+            }
+            for m in msgs {
+                if m.kind == "shutdown" {
+                    stop = true;
+                    continue;
+                }
+                let Ok(from) = AgentId::new(&m.from) else {
+                    continue;
+                };
                 let reply = SendOptions {
                     reply_to: Some(&m.id),
                     ..SendOptions::default()
                 };
-                bus.send_with(&id, &from, &format!("{}.reply", m.kind), &payload, &reply)?;
+                let sent = Payload::parse(m.payload.get(), usize::MAX)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|p| {
+                        Ok(mesh.send(&id, &from, &format!("{}.reply", m.kind), &p, &reply)?)
+                    });
+                if let Err(e) = sent {
+                    failed = Some(e);
+                    return false; // not acknowledged: delivered again after the lease
+                }
                 answered += 1;
             }
-            ids.push(m.id);
+            true
+        };
+        let msgs = bus.consume_with(&id, &opts, &mut waiter, &mut handle)?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        bus.ack(&id, &ids)?;
+        if msgs.is_empty() {
+            return Ok(Exit::Ok); // idle for --idle-exit
+        }
         if stop || a.count.is_some_and(|c| answered >= c) {
             return Ok(Exit::Ok);
         }

@@ -1,6 +1,8 @@
 //! Command implementations. Each family has a file; none holds logic a library user would miss.
 
+pub(crate) mod bench;
 pub(crate) mod bus;
+pub(crate) mod coord;
 pub(crate) mod demo;
 pub(crate) mod verbs;
 
@@ -21,6 +23,8 @@ pub(crate) enum Exit {
     Failure = 1,
     /// The recipient's inbox is at its quota (`EX_TEMPFAIL`): retry later.
     QuotaExceeded = 75,
+    /// A coordination round ended with agents missing.
+    Incomplete = 3,
     /// `recv --wait --timeout` passed without a message (as `timeout(1)`).
     Timeout = 124,
 }

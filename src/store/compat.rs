@@ -680,6 +680,25 @@ impl Store for CompatStore {
         Ok(batch)
     }
 
+    fn consume(
+        &self,
+        id: &AgentId,
+        req: &RecvRequest<'_>,
+        handle: &mut dyn FnMut(&[Envelope]) -> bool,
+    ) -> Result<Batch, RecvError> {
+        // One file per message: leasing then deleting is as cheap as anything here.
+        let batch = self.receive(id, req)?;
+        if !batch.messages.is_empty() && handle(&batch.messages) {
+            let ids: Vec<String> = batch.messages.iter().map(|m| m.id.clone()).collect();
+            self.ack(id, AckTarget::Ids(&ids))?;
+        }
+        Ok(batch)
+    }
+
+    fn own_receiver(&self, id: &AgentId) -> Result<(), RecvError> {
+        self.existing(id)?.recv.own()
+    }
+
     fn expire_leases(&self, id: &AgentId) -> Result<usize, RecvError> {
         let ib = self.existing(id)?;
         let mut g = ib.recv.lock(&ib.meta)?;

@@ -305,6 +305,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`RecvError`]; nothing is leased.
     fn receive(&self, id: &AgentId, req: &RecvRequest<'_>) -> Result<Batch, RecvError>;
 
+    /// Receive and handle in one step: `handle` runs on the selected messages while the
+    /// receiver lock is held; if it returns `true` they are acknowledged in the same state
+    /// update (one save instead of a lease and an acknowledgement), else they stay leased. If
+    /// the process dies inside `handle`, nothing was recorded and the messages are delivered
+    /// again at once. `handle` may send messages (never to take this inbox's receiver lock).
+    ///
+    /// # Errors
+    /// [`RecvError`]; if it fails after `handle` returned `true`, the messages were handled
+    /// but not acknowledged, and will be delivered again.
+    fn consume(
+        &self,
+        id: &AgentId,
+        req: &RecvRequest<'_>,
+        handle: &mut dyn FnMut(&[Envelope]) -> bool,
+    ) -> Result<Batch, RecvError>;
+
+    /// Hold the inbox's receiver lock for as long as this process lives: for a long-running
+    /// consumer that owns its inbox (an agent's own loop, a hub). Each receive then skips
+    /// taking the lock. Other processes receiving from this inbox wait until this one exits.
+    ///
+    /// # Errors
+    /// [`RecvError`].
+    fn own_receiver(&self, id: &AgentId) -> Result<(), RecvError>;
+
     /// Make every outstanding lease of the inbox expire now, so its messages can be delivered
     /// again at once. For the inbox's only consumer taking over from a dead predecessor (a
     /// restarted hub): it knows the old leases are held by no one. Returns how many.

@@ -69,6 +69,8 @@ struct Files {
 struct Cache<T> {
     state: Option<(u64, T)>,
     capacity: [u64; 2],
+    /// This process holds the receiver lock for good (see [`Slots::own`]).
+    owned: bool,
 }
 
 /// One agent's receiver state store.
@@ -89,7 +91,9 @@ pub(crate) struct Guard<'a, T> {
 
 impl<T> Drop for Guard<'_, T> {
     fn drop(&mut self) {
-        let _ = self.files.lock.unlock();
+        if !self.cache.owned {
+            let _ = self.files.lock.unlock();
+        }
     }
 }
 
@@ -110,40 +114,76 @@ impl<T: SlotState> Slots<T> {
             cache: Mutex::new(Cache {
                 state: None,
                 capacity: [0; 2],
+                owned: false,
             }),
         }
+    }
+
+    /// Look at this process's cached state without the receiver lock, if it is still current
+    /// (no process saved since). For quick "anything new?" checks; `None` when there is no
+    /// current cached copy.
+    pub(crate) fn peek_cached<R>(&self, meta: &Meta, f: impl FnOnce(&T) -> R) -> Option<R> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let ptr = meta.state_ptr().load(Ordering::Acquire);
+        match &cache.state {
+            Some((cached, st)) if *cached == ptr => Some(f(st)),
+            _ => None,
+        }
+    }
+
+    /// The files, opened on first use.
+    fn files(&self, cache: &mut Cache<T>) -> Result<&Files, RecvError> {
+        if let Some(f) = self.files.get() {
+            return Ok(f);
+        }
+        let p = &self.paths;
+        let files = Files {
+            lock: open_rw(&p.lock).map_err(RecvError::at(&p.lock))?,
+            slots: [
+                open_rw(&p.slots[0]).map_err(RecvError::at(&p.slots[0]))?,
+                open_rw(&p.slots[1]).map_err(RecvError::at(&p.slots[1]))?,
+            ],
+        };
+        for (i, f) in files.slots.iter().enumerate() {
+            cache.capacity[i] = f.metadata().map_err(RecvError::at(&p.slots[i]))?.len();
+        }
+        Ok(self.files.get_or_init(|| files))
     }
 
     /// Take the receiver lock (opening the files on first use).
     pub(crate) fn lock<'a>(&'a self, meta: &'a Meta) -> Result<Guard<'a, T>, RecvError> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let files = match self.files.get() {
-            Some(f) => f,
-            None => {
-                let p = &self.paths;
-                let files = Files {
-                    lock: open_rw(&p.lock).map_err(RecvError::at(&p.lock))?,
-                    slots: [
-                        open_rw(&p.slots[0]).map_err(RecvError::at(&p.slots[0]))?,
-                        open_rw(&p.slots[1]).map_err(RecvError::at(&p.slots[1]))?,
-                    ],
-                };
-                for (i, f) in files.slots.iter().enumerate() {
-                    cache.capacity[i] = f.metadata().map_err(RecvError::at(&p.slots[i]))?.len();
-                }
-                self.files.get_or_init(|| files)
-            }
-        };
-        files
-            .lock
-            .lock()
-            .map_err(|e| RecvError::at(&self.paths.lock)(e))?;
+        let files = self.files(&mut cache)?;
+        if !cache.owned {
+            files
+                .lock
+                .lock()
+                .map_err(|e| RecvError::at(&self.paths.lock)(e))?;
+        }
         Ok(Guard {
             cache,
             files,
             paths: &self.paths,
             meta,
         })
+    }
+
+    /// Take the receiver lock for as long as this process lives: a long-running consumer
+    /// that owns its inbox then skips two system calls per receive. Another process that
+    /// receives from this inbox waits until this one exits. Waits for the lock if another
+    /// process holds it.
+    pub(crate) fn own(&self) -> Result<(), RecvError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.owned {
+            return Ok(());
+        }
+        let files = self.files(&mut cache)?;
+        files
+            .lock
+            .lock()
+            .map_err(|e| RecvError::at(&self.paths.lock)(e))?;
+        cache.owned = true;
+        Ok(())
     }
 }
 

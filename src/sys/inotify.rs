@@ -31,7 +31,9 @@ pub enum WatchError {
 }
 
 impl DirWatch {
-    /// Watch `dir` for `IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE`.
+    /// Watch `dir` for `IN_MODIFY | IN_CREATE | IN_MOVED_TO`: an append to a shard, or a
+    /// message file renamed in. (Not `IN_CLOSE_WRITE`: a short-lived sender closing its files
+    /// would wake the receiver a second time for nothing.)
     ///
     /// # Errors
     /// [`WatchError::Exhausted`] past `fs.inotify.max_user_instances` (128 per user by default).
@@ -47,10 +49,7 @@ impl DirWatch {
         inotify
             .add_watch(
                 dir,
-                AddWatchFlags::IN_MODIFY
-                    | AddWatchFlags::IN_CREATE
-                    | AddWatchFlags::IN_MOVED_TO
-                    | AddWatchFlags::IN_CLOSE_WRITE,
+                AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
             )
             .map_err(classify)?;
         Ok(DirWatch { inotify })
@@ -82,16 +81,12 @@ impl DirWatch {
         }
     }
 
-    /// Discard queued events without blocking.
+    /// Discard queued events without blocking: one read of up to 4 KiB of events. Events
+    /// left over (a burst larger than that) only cause one more, harmless, check of the inbox.
     fn drain(&self) -> io::Result<()> {
-        loop {
-            match self.inotify.read_events() {
-                Ok(ev) if ev.is_empty() => return Ok(()),
-                Ok(_) => {}
-                Err(nix::Error::EAGAIN) => return Ok(()),
-                Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(io::Error::from(e)),
-            }
+        match self.inotify.read_events() {
+            Ok(_) | Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => Ok(()),
+            Err(e) => Err(io::Error::from(e)),
         }
     }
 }

@@ -249,10 +249,11 @@ impl Store for JsonlStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(AgentError::at(&dir)(e)),
         };
+        // Agents appear and vanish by rename, complete: every directory with a valid id is one
+        // (staging and trash directories start with a dot).
         let mut out: Vec<AgentId> = entries
             .filter_map(Result::ok)
             .filter_map(|e| AgentId::new(&e.file_name().to_string_lossy()).ok())
-            .filter(|id| self.layout.meta(id).exists())
             .collect();
         out.sort();
         Ok(out)
@@ -263,7 +264,20 @@ impl Store for JsonlStore {
     }
 
     fn receive(&self, id: &AgentId, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
-        recv::receive(&*self.existing(id)?, req)
+        recv::receive(&*self.existing(id)?, req, None)
+    }
+
+    fn consume(
+        &self,
+        id: &AgentId,
+        req: &RecvRequest<'_>,
+        handle: &mut dyn FnMut(&[Envelope]) -> bool,
+    ) -> Result<Batch, RecvError> {
+        recv::receive(&*self.existing(id)?, req, Some(handle))
+    }
+
+    fn own_receiver(&self, id: &AgentId) -> Result<(), RecvError> {
+        self.existing(id)?.recv.own()
     }
 
     fn expire_leases(&self, id: &AgentId) -> Result<usize, RecvError> {

@@ -106,22 +106,59 @@ impl Pending {
     }
 }
 
-pub(super) fn receive(inbox: &Inbox, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
-    match receive_once(inbox, req) {
-        // A bigger batch needs a bigger state; on a full filesystem, hand out fewer messages
-        // rather than none (the slot's reserved space holds at least a few leases).
-        Err(RecvError::StoreFull { .. }) if req.max > 1 => receive(
-            inbox,
-            &RecvRequest {
-                max: req.max / 2,
-                ..*req
-            },
-        ),
-        other => other,
+/// What to do with the messages selected, before the state is saved.
+pub(super) type Handler<'h> = Option<&'h mut dyn FnMut(&[Envelope]) -> bool>;
+
+pub(super) fn receive(
+    inbox: &Inbox,
+    req: &RecvRequest<'_>,
+    mut handle: Handler<'_>,
+) -> Result<Batch, RecvError> {
+    if req.filter.is_none()
+        && let Some(next_expiry_ms) = nothing_new(inbox)
+    {
+        // No lock, no system call; the caller still learns when the next lease runs out.
+        return Ok(Batch {
+            next_expiry_ms,
+            ..Batch::default()
+        });
+    }
+    let mut req = *req;
+    loop {
+        match receive_once(inbox, &req, &mut handle) {
+            // A bigger batch needs a bigger state; on a full filesystem, hand out fewer
+            // messages rather than none (the slot's reserved space holds a few leases).
+            Err(RecvError::StoreFull { .. }) if req.max > 1 => req.max /= 2,
+            other => return other,
+        }
     }
 }
 
-fn receive_once(inbox: &Inbox, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
+/// If this process's cached state (still current) shows nothing to deliver (no shard longer
+/// than its read cursor, no lease due), the time the next lease expires. Answers without a
+/// system call; `None` when there may be something, or when unsure.
+fn nothing_new(inbox: &Inbox) -> Option<Option<u64>> {
+    let now = now_ms();
+    inbox
+        .recv
+        .peek_cached(&inbox.meta, |st| {
+            let next = st.next_expiry();
+            let idle = next.is_none_or(|e| e > now)
+                && st
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .all(|(s, c)| complete_end(inbox, s).is_some_and(|end| end <= c.read));
+            idle.then_some(next)
+        })
+        .flatten()
+}
+
+fn receive_once(
+    inbox: &Inbox,
+    req: &RecvRequest<'_>,
+    handle: &mut Handler<'_>,
+) -> Result<Batch, RecvError> {
     let mut g = inbox.recv.lock(&inbox.meta)?;
     let mut st = g.load()?;
     let now = now_ms();
@@ -239,9 +276,24 @@ fn receive_once(inbox: &Inbox, req: &RecvRequest<'_>) -> Result<Batch, RecvError
             }
         }
     }
+    // A handler that takes the messages has them acknowledged in the same save: one state
+    // update instead of a lease and an acknowledgement. If this process dies in the handler,
+    // nothing was saved and the messages are delivered again at once.
+    let mut acked = false;
+    if let Some(h) = handle.as_mut()
+        && !batch.messages.is_empty()
+        && h(&batch.messages)
+    {
+        let ids: Vec<String> = batch.messages.iter().map(|m| m.id.clone()).collect();
+        st.ack_ids(&ids);
+        acked = true;
+    }
     batch.next_expiry_ms = st.next_expiry();
     if changed {
         g.save(st)?;
+        if acked {
+            g.with_cached(|st| reclaim(inbox, st));
+        }
     } else {
         g.keep(st);
     }

@@ -1,0 +1,333 @@
+//! The hub of a team: forwards routed messages, fans broadcasts out to its team, and collects
+//! its team's replies to a round into one message upward.
+//!
+//! Forwarding is at-least-once: a message is acknowledged only after it was written to its
+//! next hop, and a round's request and replies only after the aggregate went up. A hub killed
+//! at any point loses nothing: the restarted hub takes the hub's lock, makes its predecessor's
+//! leases expire, and gets those messages again; whatever it forwards twice, receivers drop by
+//! id or sequence (see [`crate::store::Dedup`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::Mesh;
+use super::round::{BATCH_TYPE, CoordError};
+use super::topology::Hop;
+use crate::bus::{RecvOptions, SendOptions, Wait};
+use crate::envelope::{AgentId, Envelope, Payload, now_micros};
+
+/// Messages a hub takes per receive.
+const BATCH: usize = 1024;
+/// A hub's leases: long, because a restarted hub expires its predecessor's at once.
+const LEASE: Duration = Duration::from_secs(600);
+/// How long a starting hub waits for a predecessor's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// Largest aggregate a hub sends up.
+const MAX_BATCH_PAYLOAD: usize = 64 << 20;
+
+/// A round the hub is collecting replies for.
+struct Pending {
+    coordinator: AgentId,
+    expect: BTreeSet<String>,
+    replies: BTreeMap<String, Envelope>,
+    /// Message ids held (not acknowledged) until the aggregate is sent: the request and replies.
+    hold: Vec<String>,
+    /// When to send what there is, milliseconds since the epoch (a little before the deadline).
+    flush_at: u64,
+}
+
+/// What a hub did, for its caller to report.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HubStats {
+    /// Messages forwarded to their next hop.
+    pub forwarded: u64,
+    /// Copies written by fan-out.
+    pub fanned_out: u64,
+    /// Aggregates sent up.
+    pub batches: u64,
+    /// Leases taken over from a previous hub at start.
+    pub taken_over: usize,
+}
+
+/// Run the hub of `team` until `stop` is set (checked at least every `poll`).
+///
+/// # Errors
+/// [`CoordError::HubRunning`] if another process runs this hub; [`CoordError::UnknownTeam`];
+/// bus errors.
+pub fn run(
+    mesh: &Mesh,
+    team: &str,
+    stop: &AtomicBool,
+    poll: Option<Duration>,
+) -> Result<HubStats, CoordError> {
+    let t = mesh
+        .topology()
+        .team(team)
+        .ok_or_else(|| CoordError::UnknownTeam(team.to_owned()))?
+        .clone();
+    let me = t.hub.clone();
+    let bus = mesh.bus();
+    bus.init(&me)?;
+    let lock_path = bus.root().layout().alive_lock(&me);
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&lock_path)
+        .map_err(|source| CoordError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
+    // A predecessor killed a moment ago still holds the lock until the kernel has torn it down
+    // (a few milliseconds): wait for it a little before concluding a live hub runs.
+    let give_up = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(CoordError::HubRunning(team.to_owned()));
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(CoordError::Io {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
+    }
+    bus.store().own_receiver(&me)?; // the hub is its inbox's only consumer
+    let mut stats = HubStats {
+        taken_over: bus.store().expire_leases(&me)?,
+        ..HubStats::default()
+    };
+    let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
+    let mut waiter = None;
+    let target = bus.store().wake_target(&me)?;
+    // The futex doorbell, not inotify: senders ring it after updating the counters this wait
+    // reads, whereas inotify fires inside their write, before the counters move (a hub woken
+    // that way could read "nothing new" and sleep through the last reply of a round).
+    let mut bell =
+        crate::wake::Waiter::new(&target, crate::wake::WakeMode::Futex).map_err(|source| {
+            CoordError::Io {
+                path: target.watch_dir.clone(),
+                source,
+            }
+        })?;
+    while !stop.load(Ordering::Relaxed) {
+        wait_for_work(mesh, &me, &pending, &mut bell, poll)?;
+        let opts = RecvOptions {
+            max: BATCH,
+            lease: LEASE,
+            wait: Wait::No,
+            ..RecvOptions::default()
+        };
+        let got = bus.recv_with(&me, &opts, &mut waiter)?;
+        let mut done: Vec<String> = Vec::new();
+        for m in got {
+            handle(mesh, &t, &me, m, &mut pending, &mut done, &mut stats)?;
+        }
+        let now_ms = now_micros() / 1000;
+        let due: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| p.flush_at <= now_ms || p.replies.len() >= p.expect.len())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for request in due {
+            if let Some(p) = pending.remove(&request) {
+                flush(mesh, &t, &me, &request, p, &mut done, &mut stats)?;
+            }
+        }
+        if !done.is_empty() {
+            bus.ack(&me, &done)?;
+        }
+    }
+    Ok(stats)
+}
+
+/// While rounds are pending, wake on each arrival but receive only when enough unread
+/// messages are there to complete them (or a millisecond has passed, so other traffic is not
+/// held up, or a round's time is up): a hub then takes its team's replies in one receive, and
+/// saves its state once, instead of once per reply.
+fn wait_for_work(
+    mesh: &Mesh,
+    me: &AgentId,
+    pending: &BTreeMap<String, Pending>,
+    bell: &mut crate::wake::Waiter,
+    poll: Option<Duration>,
+) -> Result<(), CoordError> {
+    const NUDGE: Duration = Duration::from_millis(1);
+    let held: usize = pending.values().map(|p| p.hold.len()).sum();
+    let missing: usize = pending
+        .values()
+        .map(|p| p.expect.len() - p.replies.len())
+        .sum();
+    let next_flush = pending.values().map(|p| p.flush_at).min();
+    let mut first = true;
+    loop {
+        bell.prepare();
+        let unread = (mesh.bus().depth(me)?.msgs as usize).saturating_sub(held);
+        let now_ms = now_micros() / 1000;
+        let due = next_flush.is_some_and(|f| f <= now_ms);
+        if due || (unread > 0 && (pending.is_empty() || unread >= missing || !first)) {
+            bell.disarm();
+            return Ok(());
+        }
+        let mut timeout = next_flush.map(|f| Duration::from_millis(f - now_ms));
+        if unread > 0 {
+            timeout = Some(timeout.map_or(NUDGE, |t| t.min(NUDGE)));
+        }
+        if let Some(p) = poll {
+            timeout = Some(timeout.map_or(p, |t| t.min(p)));
+        }
+        let woke_at = std::time::Instant::now();
+        bell.wait(timeout).map_err(|source| CoordError::Io {
+            path: mesh.bus().root().path().to_owned(),
+            source,
+        })?;
+        if poll.is_some_and(|p| woke_at.elapsed() >= p) {
+            return Ok(());
+        }
+        // After the first wait with something unread, the next wake (or the nudge) receives.
+        first = unread == 0;
+    }
+}
+
+fn handle(
+    mesh: &Mesh,
+    team: &super::topology::Team,
+    me: &AgentId,
+    m: Envelope,
+    pending: &mut BTreeMap<String, Pending>,
+    done: &mut Vec<String>,
+    stats: &mut HubStats,
+) -> Result<(), CoordError> {
+    let bus = mesh.bus();
+    let payload =
+        Payload::parse(m.payload.get(), usize::MAX).map_err(crate::store::SendError::from)?;
+    let mut route = m.route.clone().unwrap_or_else(|| vec![m.from.clone()]);
+    route.push(me.to_string());
+    let from = AgentId::new(&m.from).map_err(|_| bad_sender(&m))?;
+    if m.to == me.as_str() {
+        if m.fanout.is_some() {
+            // A broadcast for the team: one copy per member, same id.
+            for member in team.members.iter().filter(|a| **a != from) {
+                let opts = SendOptions {
+                    id: Some(&m.id),
+                    ts: Some(m.ts),
+                    route: Some(&route),
+                    fanout: m.fanout.as_deref(),
+                    gather: m.gather,
+                    reply_to: m.reply_to.as_deref(),
+                    ..SendOptions::default()
+                };
+                bus.send_with(&from, member, &m.kind, &payload, &opts)?;
+                stats.fanned_out += 1;
+            }
+            if let Some(g) = m.gather {
+                let now_ms = now_micros() / 1000;
+                // Send up a little before the deadline, so the coordinator has it in time.
+                let margin = (g.deadline.saturating_sub(now_ms) / 10).clamp(2, 100);
+                let entry = pending.entry(m.id.clone()).or_insert_with(|| Pending {
+                    coordinator: from.clone(),
+                    expect: team
+                        .members
+                        .iter()
+                        .filter(|a| **a != from)
+                        .map(|a| a.to_string())
+                        .collect(),
+                    replies: BTreeMap::new(),
+                    hold: Vec::new(),
+                    flush_at: g.deadline.saturating_sub(margin),
+                });
+                entry.hold.push(m.id.clone());
+            } else {
+                done.push(m.id.clone());
+            }
+        } else {
+            done.push(m.id.clone()); // nothing for a hub to do with a plain message to itself
+        }
+        return Ok(());
+    }
+    if let Some(r) = m.reply_to.as_deref()
+        && let Some(p) = pending.get_mut(r)
+        && p.coordinator.as_str() == m.to
+        && p.expect.contains(&m.from)
+    {
+        p.hold.push(m.id.clone());
+        p.replies.entry(m.from.clone()).or_insert(m);
+        return Ok(());
+    }
+    // Forward one hop on, keeping id, time and sequence.
+    let to = AgentId::new(&m.to).map_err(|_| bad_sender(&m))?;
+    let hop = mesh.topology().forward(me, &to);
+    let via = match &hop {
+        Hop::Direct => None,
+        Hop::Via(h) => Some(h),
+    };
+    let opts = SendOptions {
+        id: Some(&m.id),
+        ts: Some(m.ts),
+        seq: Some(m.seq),
+        route: Some(&route),
+        via,
+        reply_to: m.reply_to.as_deref(),
+        fanout: m.fanout.as_deref(),
+        gather: m.gather,
+    };
+    bus.send_with(&from, &to, &m.kind, &payload, &opts)?;
+    stats.forwarded += 1;
+    done.push(m.id);
+    Ok(())
+}
+
+fn flush(
+    mesh: &Mesh,
+    team: &super::topology::Team,
+    me: &AgentId,
+    request: &str,
+    p: Pending,
+    done: &mut Vec<String>,
+    stats: &mut HubStats,
+) -> Result<(), CoordError> {
+    let missing: Vec<&String> = p
+        .expect
+        .iter()
+        .filter(|a| !p.replies.contains_key(*a))
+        .collect();
+    let replies: Vec<&Envelope> = p.replies.values().collect();
+    let body = serde_json::json!({
+        "request": request,
+        "team": team.name,
+        "replies": replies,
+        "missing": missing,
+    });
+    let payload =
+        Payload::from_serialize(&body, MAX_BATCH_PAYLOAD).map_err(crate::store::SendError::from)?;
+    let opts = SendOptions {
+        reply_to: Some(request),
+        ..SendOptions::default()
+    };
+    mesh.bus()
+        .send_with(me, &p.coordinator, BATCH_TYPE, &payload, &opts)?;
+    stats.batches += 1;
+    done.extend(p.hold);
+    Ok(())
+}
+
+fn bad_sender(m: &Envelope) -> CoordError {
+    CoordError::Send(crate::store::SendError::Io {
+        path: std::path::PathBuf::from(&m.id),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "message with an invalid agent id",
+        ),
+    })
+}
