@@ -471,6 +471,12 @@ impl Payload {
         }
     }
 
+    /// The payload of a received message, taken as it is: it was validated (and made one line)
+    /// when it was sent, so it is not checked again.
+    pub fn from_received(raw: &RawValue) -> Payload {
+        Payload(raw.get().to_owned())
+    }
+
     /// A payload from a value that serializes to JSON.
     ///
     /// # Errors

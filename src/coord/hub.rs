@@ -297,18 +297,24 @@ fn flush(
     done: &mut Vec<String>,
     stats: &mut HubStats,
 ) -> Result<(), CoordError> {
-    let missing: Vec<&String> = p
-        .expect
-        .iter()
-        .filter(|a| !p.replies.contains_key(*a))
-        .collect();
-    let replies: Vec<&Envelope> = p.replies.values().collect();
-    let body = serde_json::json!({
-        "request": request,
-        "team": team.name,
-        "replies": replies,
-        "missing": missing,
-    });
+    /// The aggregate's payload, serialized straight from the held envelopes.
+    #[derive(serde::Serialize)]
+    struct Batch<'a> {
+        request: &'a str,
+        team: &'a str,
+        replies: Vec<&'a Envelope>,
+        missing: Vec<&'a String>,
+    }
+    let body = Batch {
+        request,
+        team: team.name.as_str(),
+        replies: p.replies.values().collect(),
+        missing: p
+            .expect
+            .iter()
+            .filter(|a| !p.replies.contains_key(*a))
+            .collect(),
+    };
     let payload =
         Payload::from_serialize(&body, MAX_BATCH_PAYLOAD).map_err(crate::store::SendError::from)?;
     let opts = SendOptions {

@@ -263,26 +263,25 @@ impl Mesh {
                 filter: Some(Filter(&wanted)),
                 ..RecvOptions::default()
             };
-            // Replies are taken and acknowledged in one state update.
-            let mut take = |got: &[Envelope]| {
-                for m in got {
-                    if m.kind == BATCH_TYPE {
-                        if let Ok(batch) = serde_json::from_str::<BatchPayload>(m.payload.get()) {
-                            for r in batch.replies {
-                                record(&expected, &mut replies, r);
-                            }
-                        }
-                    } else {
-                        record(&expected, &mut replies, m.clone());
-                    }
-                }
-                true
-            };
-            let got = self.bus().consume_with(from, &opts, waiter, &mut take)?;
+            // Replies are taken and acknowledged in one state update, then counted.
+            let got = self
+                .bus()
+                .consume_with(from, &opts, waiter, &mut |_: &[Envelope]| true)?;
             if got.is_empty() {
                 break;
             }
             messages += got.len();
+            for m in got {
+                if m.kind == BATCH_TYPE {
+                    if let Ok(batch) = serde_json::from_str::<BatchPayload>(m.payload.get()) {
+                        for r in batch.replies {
+                            record(&expected, &mut replies, r);
+                        }
+                    }
+                } else {
+                    record(&expected, &mut replies, m);
+                }
+            }
             finished = Instant::now();
         }
         let missing: Vec<AgentId> = expected

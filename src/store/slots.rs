@@ -68,6 +68,8 @@ struct Files {
 #[derive(Debug)]
 struct Cache<T> {
     state: Option<(u64, T)>,
+    /// Reused for serializing the state.
+    buf: Vec<u8>,
     capacity: [u64; 2],
     /// This process holds the receiver lock for good (see [`Slots::own`]).
     owned: bool,
@@ -113,6 +115,7 @@ impl<T: SlotState> Slots<T> {
             files: OnceLock::new(),
             cache: Mutex::new(Cache {
                 state: None,
+                buf: Vec::new(),
                 capacity: [0; 2],
                 owned: false,
             }),
@@ -217,7 +220,9 @@ impl<T: SlotState> Guard<'_, T> {
     /// Write the state into the slot that is not current, make it current with one atomic
     /// store, publish its mirrors, and keep it cached.
     pub(crate) fn save(&mut self, st: T) -> Result<(), RecvError> {
-        let bytes = serde_json::to_vec(&st).unwrap_or_default();
+        let mut bytes = std::mem::take(&mut self.cache.buf);
+        bytes.clear();
+        let _ = serde_json::to_writer(&mut bytes, &st); // into a Vec: cannot fail
         let cur = self.meta.state_ptr().load(Ordering::Acquire);
         let slot = usize::from(cur & PTR_SLOT_BIT == 0);
         let path = &self.paths.slots[slot];
@@ -241,6 +246,7 @@ impl<T: SlotState> Guard<'_, T> {
         self.meta.state_ptr().store(ptr, Ordering::Release);
         st.publish(self.meta);
         self.cache.state = Some((ptr, st));
+        self.cache.buf = bytes;
         Ok(())
     }
 

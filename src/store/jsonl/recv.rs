@@ -166,6 +166,7 @@ fn receive_once(
     let wanted = |e: &Envelope| req.filter.is_none_or(|f| (f.0)(e));
     let mut batch = Batch::default();
     let mut changed = false;
+    let mut delivered: Vec<(usize, u64)> = Vec::new(); // (shard, offset) of each message handed out
 
     // Expired leases, oldest first, that the filter wants.
     let mut expired = Vec::new();
@@ -233,6 +234,7 @@ fn receive_once(
                     l.until = until;
                     e.delivery = Some(l.n);
                     batch.messages.push(e);
+                    delivered.push((s, off));
                     changed = true;
                 }
             }
@@ -248,6 +250,7 @@ fn receive_once(
                     st.shards[s].lease(off, len, e.id.clone(), e.ts, until);
                     e.delivery = Some(1);
                     batch.messages.push(e);
+                    delivered.push((s, off));
                     p.pop(Outcome::Delivered);
                 }
                 changed = true;
@@ -284,8 +287,9 @@ fn receive_once(
         && !batch.messages.is_empty()
         && h(&batch.messages)
     {
-        let ids: Vec<String> = batch.messages.iter().map(|m| m.id.clone()).collect();
-        st.ack_ids(&ids);
+        for &(s, off) in &delivered {
+            st.shards[s].ack_at(off);
+        }
         acked = true;
     }
     batch.next_expiry_ms = st.next_expiry();

@@ -160,6 +160,21 @@ impl ShardCursor {
         taken
     }
 
+    /// Acknowledge the leased message at `off` (just delivered by this process). Returns
+    /// whether there was such a lease.
+    pub(crate) fn ack_at(&mut self, off: u64) -> bool {
+        let Ok(i) = self.leases.binary_search_by_key(&off, |l| l.off) else {
+            return false;
+        };
+        self.leases.remove(i);
+        self.acked_msgs += 1;
+        if off >= self.read {
+            let at = self.done.partition_point(|&d| d < off);
+            self.done.insert(at, off);
+        }
+        true
+    }
+
     /// Acknowledge every message before `end`: leased ones, and `unread` messages between
     /// `read` and `end` that were neither leased nor acknowledged. Returns how many.
     pub(crate) fn ack_below(&mut self, end: u64, unread: u64) -> u64 {
