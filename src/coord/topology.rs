@@ -171,20 +171,29 @@ impl Topology {
             .map(|i| AgentId::new(&format!("{prefix}{i:0width$}")))
             .collect::<Result<_, _>>()
             .map_err(|e| TopologyError::Invalid(e.to_string()))?;
-        let size = match (team_size, teams) {
+        // Team sizes: `team_size` each (the last one smaller), or `teams` teams as even as
+        // can be (sizes differ by one at most).
+        let sizes: Vec<usize> = match (team_size, teams) {
             (None, None) => return Ok((Topology::flat(), ids)),
             (Some(0), _) | (_, Some(0)) => {
                 return Err(TopologyError::Invalid(
                     "team size and team count must be at least 1".into(),
                 ));
             }
-            (Some(k), _) => k,
-            (None, Some(t)) => n.div_ceil(t).max(1),
+            (Some(k), _) => (0..n.div_ceil(k)).map(|t| k.min(n - t * k)).collect(),
+            (None, Some(t)) if t > n => {
+                return Err(TopologyError::Invalid(format!(
+                    "cannot make {t} teams of {n} agents (every team needs a member)"
+                )));
+            }
+            (None, Some(t)) => (0..t).map(|i| n / t + usize::from(i < n % t)).collect(),
         };
-        let count = n.div_ceil(size);
-        let tw = count.saturating_sub(1).to_string().len().max(3);
-        let mut teams_v = Vec::with_capacity(count);
-        for (t, chunk) in ids.chunks(size).enumerate() {
+        let tw = sizes.len().saturating_sub(1).to_string().len().max(3);
+        let mut teams_v = Vec::with_capacity(sizes.len());
+        let mut rest = &ids[..];
+        for (t, size) in sizes.into_iter().enumerate() {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
             let name = AgentId::new(&format!("team-{t:0tw$}"))
                 .map_err(|e| TopologyError::Invalid(e.to_string()))?;
             let hub = AgentId::new(&format!("hub-{name}"))
@@ -411,8 +420,9 @@ mod tests {
         let (t, _) = Topology::plan(10, None, Some(3), "w").unwrap();
         assert_eq!(
             t.teams.iter().map(|t| t.members.len()).collect::<Vec<_>>(),
-            [4, 4, 2]
+            [4, 3, 3]
         );
+        assert!(Topology::plan(3, None, Some(4), "w").is_err());
         let (t, ids) = Topology::plan(5, None, None, "w").unwrap();
         assert!(!t.is_hybrid());
         assert_eq!(ids.len(), 5);

@@ -635,12 +635,20 @@ impl Store for CompatStore {
             ..Batch::default()
         };
         let mut duplicates = Vec::new();
+        // Lowest sequence of a routed message the filter left, per sender (see `Dedup`).
+        let mut left: Vec<(String, u64)> = Vec::new();
         for f in files {
             if batch.messages.len() >= req.max {
                 break;
             }
             let mut env = f.env;
             if req.filter.is_some_and(|flt| !(flt.0)(&env)) {
+                if super::Dedup::tracks(&env) {
+                    match left.iter_mut().find(|(f, _)| *f == env.from) {
+                        Some((_, s)) => *s = (*s).min(env.seq),
+                        None => left.push((env.from.clone(), env.seq)),
+                    }
+                }
                 continue; // left in place for another receive
             }
             match st.leases.iter_mut().find(|l| l.name == f.name) {
@@ -649,7 +657,11 @@ impl Store for CompatStore {
                     l.until = until;
                     env.delivery = Some(l.n);
                 }
-                None if st.dedup.seen(&env) => {
+                None if st.dedup.seen(
+                    &env,
+                    left.iter().any(|(f, s)| *f == env.from && *s < env.seq),
+                ) =>
+                {
                     duplicates.push((f.name, f.len));
                     changed = true;
                     continue;

@@ -421,13 +421,20 @@ pub fn shard_of(from: &AgentId, shards: u32) -> usize {
 ///
 /// * A routed point-to-point message keeps the sequence number it got from its sender, and
 ///   one (from, to) pair always travels one path in order; so a routed message whose sequence
-///   is not above the highest one delivered from that sender is a duplicate.
+///   is not above the highest one delivered in order from that sender is a duplicate.
+/// * A filtered receive can deliver a message while an older one from the same sender is
+///   left in the inbox: the high-water mark then stays below the one left, and the message
+///   delivered ahead of it is remembered by sequence until the mark passes it.
 /// * Copies of a broadcast carry the broadcast's id: the last ids seen are kept.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Dedup {
-    /// Highest routed sequence delivered, per sender.
+    /// Highest routed sequence delivered, per sender, with every lower one delivered too.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub routed: std::collections::BTreeMap<String, u64>,
+    /// Routed sequences delivered above the high-water mark (ahead of an older message
+    /// still waiting), per sender.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ahead: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>>,
     /// Ids of the last broadcasts delivered.
     #[serde(default, skip_serializing_if = "std::collections::VecDeque::is_empty")]
     pub fanouts: std::collections::VecDeque<String>,
@@ -435,10 +442,14 @@ pub struct Dedup {
 
 /// Broadcast ids remembered per receiver.
 const FANOUT_MEMORY: usize = 64;
+/// Sequences delivered ahead remembered per sender (the oldest are forgotten past this).
+const AHEAD_MEMORY: usize = 4096;
 
 impl Dedup {
-    /// Whether `e` duplicates a routed message already delivered; if not, remember it.
-    pub fn seen(&mut self, e: &Envelope) -> bool {
+    /// Whether `e` duplicates a routed message already delivered; if not, remember it as
+    /// delivered. `older_waiting`: a routed message from the same sender with a lower
+    /// sequence is still in the inbox, undelivered (a filter left it).
+    pub fn seen(&mut self, e: &Envelope, older_waiting: bool) -> bool {
         if e.route.is_none() {
             return false; // sent directly: the store never duplicates those
         }
@@ -452,12 +463,37 @@ impl Dedup {
             self.fanouts.push_back(e.id.clone());
             return false;
         }
-        let hw = self.routed.entry(e.from.clone()).or_insert(0);
-        if e.seq <= *hw {
+        let hw = self.routed.get(&e.from).copied().unwrap_or(0);
+        if e.seq <= hw {
             return true;
         }
-        *hw = e.seq;
+        if let Some(ahead) = self.ahead.get_mut(&e.from) {
+            if ahead.contains(&e.seq) {
+                return true;
+            }
+            if older_waiting {
+                if ahead.len() == AHEAD_MEMORY {
+                    ahead.pop_first();
+                }
+                ahead.insert(e.seq);
+                return false;
+            }
+            ahead.retain(|&s| s > e.seq);
+            if ahead.is_empty() {
+                self.ahead.remove(&e.from);
+            }
+        } else if older_waiting {
+            self.ahead.entry(e.from.clone()).or_default().insert(e.seq);
+            return false;
+        }
+        self.routed.insert(e.from.clone(), e.seq);
         false
+    }
+
+    /// Whether `e` is a routed point-to-point message that [`Dedup::seen`] tracks by sequence
+    /// (a receive leaving it undelivered passes `older_waiting` for its sender's later ones).
+    pub fn tracks(e: &Envelope) -> bool {
+        e.route.is_some() && e.fanout.is_none()
     }
 }
 

@@ -167,6 +167,9 @@ fn receive_once(
     let mut batch = Batch::default();
     let mut changed = false;
     let mut delivered: Vec<(usize, u64)> = Vec::new(); // (shard, offset) of each message handed out
+    // Lowest sequence of a routed message left undelivered by the filter, per sender: a later
+    // one from that sender delivered now is ahead of it (see `Dedup`).
+    let mut left: Vec<(String, u64)> = Vec::new();
 
     // Expired leases, oldest first, that the filter wants.
     let mut expired = Vec::new();
@@ -208,7 +211,15 @@ fn receive_once(
                     continue;
                 }
                 match Envelope::parse(bytes) {
-                    Ok(e) if !wanted(&e) => p.pop(Outcome::Left),
+                    Ok(e) if !wanted(&e) => {
+                        if crate::store::Dedup::tracks(&e) {
+                            match left.iter_mut().find(|(f, _)| *f == e.from) {
+                                Some((_, s)) => *s = (*s).min(e.seq),
+                                None => left.push((e.from, e.seq)),
+                            }
+                        }
+                        p.pop(Outcome::Left);
+                    }
                     Ok(e) => p.head = Some(e),
                     Err(_) => {
                         batch.corrupt += 1;
@@ -243,7 +254,8 @@ fn receive_once(
                 let Some(mut e) = p.head.take() else { break };
                 let (off, bytes) = p.line(p.next);
                 let len = bytes.len() as u64 + 1;
-                if st.dedup.seen(&e) {
+                let older_waiting = left.iter().any(|(f, s)| *f == e.from && *s < e.seq);
+                if st.dedup.seen(&e, older_waiting) {
                     batch.duplicates += 1;
                     p.pop(Outcome::Consumed);
                 } else {
