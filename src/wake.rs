@@ -160,6 +160,16 @@ impl Waiter {
         }
     }
 
+    /// How many times the doorbell has rung (a wrapping count of appends to the inbox), for a
+    /// futex waiter; `None` for the other mechanisms. A receiver can tell from it how many
+    /// messages arrived since it last looked, without reading the inbox.
+    pub fn rings(&self) -> Option<u32> {
+        match &self.kind {
+            Kind::Futex { bell, .. } => Some(bell.words.u32_at(bell.bell).load(Ordering::SeqCst)),
+            _ => None,
+        }
+    }
+
     /// Arm: call right before each check of the inbox.
     pub fn prepare(&mut self) {
         if let Kind::Futex { bell, seen, armed } = &mut self.kind {

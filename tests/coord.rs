@@ -627,3 +627,43 @@ fn r4_a_round_of_1000_agents_under_one_user_past_the_inotify_limit() {
         assert!(c.try_wait().unwrap().is_none(), "process {i} exited");
     }
 }
+
+#[test]
+fn r4_a_coordinator_inside_a_team_gets_its_teammates_directly_and_no_late_batch() {
+    let t = TestRoot::new("r4-coord-in-team");
+    t.ok(&["topology", "plan", "--agents", "10", "--team-size", "5"]);
+    let mut procs = Procs::new();
+    for team in ["team-000", "team-001"] {
+        procs.spawn(&t, &["hub", team]);
+    }
+    for i in 1..10 {
+        procs.spawn(&t, &["echo", &agent(i)]);
+    }
+    let start = Instant::now();
+    let r = loop {
+        let o = t.run(&[
+            "gather",
+            "agent-0000",
+            "ping",
+            "1",
+            "--json",
+            "--timeout",
+            "1s",
+        ]);
+        let r: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        if code(&o) == 0 {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            r["missing"]
+        );
+    };
+    // Four teammates directly, one aggregate from the other team's hub.
+    assert_eq!(r["replied"], 9);
+    assert_eq!(r["messages"], 5, "{}", r["messages"]);
+    // The coordinator's own hub collects nothing, so it sends nothing at the deadline.
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(t.ok(&["count", "agent-0000"]).trim(), "0");
+}

@@ -95,7 +95,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Set by SIGINT or SIGTERM: the benchmark stops after the current round and cleans up.
+static STOP: std::sync::LazyLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn interrupted() -> anyhow::Result<()> {
+    if STOP.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&STOP))
+            .context("cannot handle signals")?;
+    }
     let exe = std::env::current_exe().context("cannot find the shoal executable")?;
     for t in &a.topology {
         if t != "flat" && t != "hybrid" {
@@ -177,8 +192,9 @@ fn shoal_rounds(
     let mesh = Mesh::open(bus.clone())?;
     let mut children = Children(Vec::new());
     let spawn = |args: &[&str]| -> anyhow::Result<Child> {
-        Command::new(exe)
-            .arg("--root")
+        let mut cmd = Command::new(exe);
+        shoal::sys::die_with_parent(&mut cmd);
+        cmd.arg("--root")
             .arg(&root)
             .args(args)
             .stdin(Stdio::null())
@@ -209,6 +225,7 @@ fn shoal_rounds(
         if r.complete() {
             break;
         }
+        interrupted()?;
         if start.elapsed() > Duration::from_secs(120) {
             bail!(
                 "{n} agents: {} still missing after 120 s of warm-up",
@@ -220,6 +237,7 @@ fn shoal_rounds(
         (Vec::new(), 0usize, 0usize, Duration::ZERO, 0);
     let mut floor_times = Vec::with_capacity(a.rounds);
     for _ in 0..a.rounds {
+        interrupted()?;
         floor_times.push(floor.round()?);
         let c0 = shoal::sys::cpu_time();
         let r = mesh.gather_with(&coord, "ping", &payload, None, a.timeout, &mut waiter)?;
@@ -317,9 +335,10 @@ impl Floor {
         }
         let mut children = Children(Vec::with_capacity(n));
         for i in 0..n {
+            let mut cmd = Command::new(exe);
+            shoal::sys::die_with_parent(&mut cmd);
             children.0.push(
-                Command::new(exe)
-                    .args(["bench", "floor-agent", "--dir"])
+                cmd.args(["bench", "floor-agent", "--dir"])
                     .arg(&dir.0)
                     .args(["--index", &i.to_string(), "--agents", &n.to_string()])
                     .stdin(Stdio::null())

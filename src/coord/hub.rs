@@ -231,18 +231,26 @@ fn handle(
                 bus.send_with(&from, member, &m.kind, &payload, &opts)?;
                 stats.fanned_out += 1;
             }
-            if let Some(g) = m.gather {
+            // The replies this hub collects: its members' whose way to the coordinator goes
+            // through it (not those of a coordinator's own team, nor any with direct delivery
+            // between teams).
+            let expect: BTreeSet<String> = match m.gather {
+                Some(_) => team
+                    .members
+                    .iter()
+                    .filter(|a| **a != from)
+                    .filter(|a| matches!(mesh.topology().route(a, &from), Hop::Via(h) if h == *me))
+                    .map(|a| a.to_string())
+                    .collect(),
+                None => BTreeSet::new(),
+            };
+            if let Some(g) = m.gather.filter(|_| !expect.is_empty()) {
                 let now_ms = now_micros() / 1000;
                 // Send up a little before the deadline, so the coordinator has it in time.
                 let margin = (g.deadline.saturating_sub(now_ms) / 10).clamp(2, 100);
                 let entry = pending.entry(m.id.clone()).or_insert_with(|| Pending {
                     coordinator: from.clone(),
-                    expect: team
-                        .members
-                        .iter()
-                        .filter(|a| **a != from)
-                        .map(|a| a.to_string())
-                        .collect(),
+                    expect,
                     replies: BTreeMap::new(),
                     hold: Vec::new(),
                     flush_at: g.deadline.saturating_sub(margin),

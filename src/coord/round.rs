@@ -15,9 +15,15 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::Mesh;
+use super::topology::Hop;
 use crate::bus::{RecvOptions, SendOptions, Wait};
 use crate::envelope::{AgentId, Envelope, Gather, Payload, now_micros};
 use crate::store::{AgentError, Filter, RecvError, SendError};
+use crate::wake::{Waiter, WakeMode};
+
+/// How long a gathering coordinator lets replies pile up before taking those there (it takes
+/// them at once when every reply it waits for is there).
+pub const GATHER_NUDGE: Duration = Duration::from_millis(1);
 
 /// The type of a hub's aggregate of replies.
 pub const BATCH_TYPE: &str = "gather.batch";
@@ -245,31 +251,56 @@ impl Mesh {
         let gather = Gather {
             deadline: now_micros() / 1000 + timeout.as_millis() as u64,
         };
+        // A futex waiter: its doorbell count says how many messages arrived.
+        if waiter.as_ref().is_none_or(|w| w.rings().is_none()) {
+            let target = self.bus().store().wake_target(from)?;
+            *waiter = Some(
+                Waiter::new(&target, WakeMode::Futex).map_err(RecvError::at(&target.watch_dir))?,
+            );
+        }
+        let Some(bell) = waiter.as_mut() else {
+            unreachable!("set above")
+        };
+        let mut mark = bell.rings().unwrap_or(0);
         let b = self.broadcast(from, kind, payload, team, Some(gather))?;
         let expected: BTreeSet<AgentId> = b.recipients.iter().cloned().collect();
+        // Where each agent's reply comes from: its hub (one aggregate for the team), or itself.
+        let topo = self.topology();
+        let source: BTreeMap<&AgentId, AgentId> = expected
+            .iter()
+            .map(|a| match topo.route(a, from) {
+                Hop::Via(hub) => (a, hub),
+                Hop::Direct => (a, a.clone()),
+            })
+            .collect();
         let mut replies: BTreeMap<AgentId, Envelope> = BTreeMap::new();
         let mut messages = 0;
         let request = b.id.clone();
         let wanted = move |e: &Envelope| e.reply_to.as_deref() == Some(request.as_str());
         let mut finished = start;
-        while replies.len() < expected.len() {
-            let now = Instant::now();
-            if now >= deadline {
+        // Replies cannot come before the request: the count started before it was sent.
+        while replies.len() < expected.len() && Instant::now() < deadline {
+            // Messages still to come: one per source with an agent missing.
+            let outstanding = expected
+                .iter()
+                .filter(|a| !replies.contains_key(*a))
+                .map(|a| &source[a])
+                .collect::<BTreeSet<_>>()
+                .len();
+            if !self.wait_for_arrivals(outstanding, mark, deadline, bell)? {
                 break;
             }
+            mark = bell.rings().unwrap_or(0);
             let opts = RecvOptions {
-                max: 4096,
-                wait: Wait::For(deadline - now),
+                max: usize::MAX,
+                wait: Wait::No,
                 filter: Some(Filter(&wanted)),
                 ..RecvOptions::default()
             };
             // Replies are taken and acknowledged in one state update, then counted.
-            let got = self
-                .bus()
-                .consume_with(from, &opts, waiter, &mut |_: &[Envelope]| true)?;
-            if got.is_empty() {
-                break;
-            }
+            let got =
+                self.bus()
+                    .consume_with(from, &opts, &mut None, &mut |_: &[Envelope]| true)?;
             messages += got.len();
             for m in got {
                 if m.kind == BATCH_TYPE {
@@ -281,8 +312,8 @@ impl Mesh {
                 } else {
                     record(&expected, &mut replies, m);
                 }
+                finished = Instant::now();
             }
-            finished = Instant::now();
         }
         let missing: Vec<AgentId> = expected
             .iter()
@@ -403,6 +434,42 @@ impl Mesh {
             self.send(me, a, "barrier.release", &body, &SendOptions::default())?;
         }
         Ok(())
+    }
+
+    /// Sleep until `want` messages have arrived in `id`'s inbox since the doorbell's count
+    /// was `mark`, or some have and [`GATHER_NUDGE`] has passed, or `deadline`. Woken by every
+    /// arrival, it reads only the doorbell's count: a round's replies are then taken in one
+    /// receive (one state update) instead of one receive each. Returns false at the deadline
+    /// with nothing new.
+    fn wait_for_arrivals(
+        &self,
+        want: usize,
+        mark: u32,
+        deadline: Instant,
+        bell: &mut Waiter,
+    ) -> Result<bool, CoordError> {
+        let mut since: Option<Instant> = None;
+        loop {
+            bell.prepare();
+            let arrived = bell
+                .rings()
+                .map_or(usize::MAX, |r| r.wrapping_sub(mark) as usize);
+            let now = Instant::now();
+            if arrived > 0 && since.is_none() {
+                since = Some(now);
+            }
+            let nudged = since.is_some_and(|t| now - t >= GATHER_NUDGE);
+            if arrived >= want.max(1) || nudged || now >= deadline {
+                bell.disarm();
+                return Ok(arrived > 0);
+            }
+            let mut sleep = deadline - now;
+            if let Some(t) = since {
+                sleep = sleep.min(GATHER_NUDGE - (now - t));
+            }
+            bell.wait(Some(sleep))
+                .map_err(RecvError::at(self.bus().root().path()))?;
+        }
     }
 
     /// Receive (and acknowledge) messages matching `filter` until `deadline`; empty on timeout.
