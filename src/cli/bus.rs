@@ -285,6 +285,7 @@ pub(crate) fn echo(ctx: &Ctx, a: EchoArgs) -> anyhow::Result<Exit> {
     };
     let mut waiter = None;
     let mut answered = 0u64;
+    let mut kind = String::new();
     loop {
         // Answer inside the receive: the batch is acknowledged with the same state update.
         let mut stop = false;
@@ -305,11 +306,14 @@ pub(crate) fn echo(ctx: &Ctx, a: EchoArgs) -> anyhow::Result<Exit> {
                     reply_to: Some(&m.id),
                     ..SendOptions::default()
                 };
-                let sent = Payload::parse(m.payload.get(), usize::MAX)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|p| {
-                        Ok(mesh.send(&id, &from, &format!("{}.reply", m.kind), &p, &reply)?)
-                    });
+                kind.clear();
+                kind.push_str(&m.kind);
+                kind.push_str(".reply");
+                // The payload was checked when it was sent: echo it as it is.
+                let p = Payload::from_received(&m.payload);
+                let sent = mesh
+                    .send(&id, &from, &kind, &p, &reply)
+                    .map_err(anyhow::Error::from);
                 if let Err(e) = sent {
                     failed = Some(e);
                     return false; // not acknowledged: delivered again after the lease

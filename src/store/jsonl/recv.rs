@@ -57,40 +57,64 @@ enum Outcome {
     Delivered,
 }
 
+thread_local! {
+    /// Each thread's per-shard buffers, reused from one receive to the next: a receive then
+    /// allocates nothing for its reading (a fresh kilobyte-sized vector per call made the
+    /// allocator consolidate its free lists every time).
+    static SCRATCH: std::cell::RefCell<(Vec<Pending>, Vec<u8>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
 impl Pending {
-    fn read(inbox: &Inbox, s: usize, from: u64, limit: usize) -> Result<Pending, RecvError> {
-        let mut p = Pending {
+    fn empty() -> Pending {
+        Pending {
             arena: Vec::new(),
             lines: Vec::new(),
             next: 0,
             head: None,
             outcomes: Vec::new(),
-        };
+        }
+    }
+
+    /// Refill with shard `s`'s complete lines from `from` (at most `limit`); `buf` is scratch.
+    fn fill(
+        &mut self,
+        inbox: &Inbox,
+        s: usize,
+        from: u64,
+        limit: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RecvError> {
+        self.arena.clear();
+        self.lines.clear();
+        self.next = 0;
+        self.head = None;
+        self.outcomes.clear();
         let known_end = complete_end(inbox, s);
         if known_end.is_some_and(|end| end <= from) {
-            return Ok(p); // nothing new: no system call
+            return Ok(()); // nothing new: no system call
         }
         let j = inbox
             .shard(s)
             .map_err(|e| RecvError::at(inbox.shard_path(s))(e))?;
-        let mut buf = Vec::new();
         journal::read_lines(
             j.file(),
             from,
             READ_BUDGET,
             known_end,
-            &mut buf,
+            buf,
             |l: Line<'_>| {
-                if p.lines.len() >= limit {
+                if self.lines.len() >= limit {
                     return false;
                 }
-                p.lines.push((l.offset, p.arena.len(), l.bytes.len()));
-                p.arena.extend_from_slice(l.bytes);
+                self.lines.push((l.offset, self.arena.len(), l.bytes.len()));
+                self.arena.extend_from_slice(l.bytes);
                 true
             },
         )
         .map_err(|e| RecvError::at(inbox.shard_path(s))(e))?;
-        Ok(p)
+        Ok(())
     }
 
     fn line(&self, i: usize) -> (u64, &[u8]) {
@@ -195,9 +219,10 @@ fn receive_once(
     } else {
         req.max
     };
-    let mut shards: Vec<Pending> = Vec::with_capacity(st.shards.len());
+    let (mut shards, mut buf) = SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    shards.resize_with(st.shards.len(), Pending::empty);
     for (s, c) in st.shards.iter().enumerate() {
-        shards.push(Pending::read(inbox, s, c.read, limit)?);
+        shards[s].fill(inbox, s, c.read, limit, &mut buf)?;
     }
 
     while batch.messages.len() < req.max {
@@ -290,6 +315,11 @@ fn receive_once(
                 Outcome::TakenAhead | Outcome::Delivered => {}
             }
         }
+    }
+    // Keep the buffers for the next receive, unless a big batch made them big.
+    const KEEP: usize = 1 << 20;
+    if buf.capacity() <= KEEP && shards.iter().all(|p| p.arena.capacity() <= KEEP) {
+        SCRATCH.with(|c| *c.borrow_mut() = (shards, buf));
     }
     // A handler that takes the messages has them acknowledged in the same save: one state
     // update instead of a lease and an acknowledgement. If this process dies in the handler,
