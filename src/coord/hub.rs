@@ -153,8 +153,8 @@ pub fn run(
 }
 
 /// While rounds are pending, wake on each arrival but receive only when enough unread
-/// messages are there to complete them (or a millisecond has passed, so other traffic is not
-/// held up, or a round's time is up): a hub then takes its team's replies in one receive, and
+/// messages are there to complete them (or a millisecond has passed since the first one, so
+/// other traffic is not held up, or a round's time is up): a hub then takes its team's replies in one receive, and
 /// saves its state once, instead of once per reply.
 fn wait_for_work(
     mesh: &Mesh,
@@ -170,19 +170,24 @@ fn wait_for_work(
         .map(|p| p.expect.len() - p.replies.len())
         .sum();
     let next_flush = pending.values().map(|p| p.flush_at).min();
-    let mut first = true;
+    let mut since: Option<std::time::Instant> = None;
     loop {
         bell.prepare();
         let unread = (mesh.bus().depth(me)?.msgs as usize).saturating_sub(held);
         let now_ms = now_micros() / 1000;
         let due = next_flush.is_some_and(|f| f <= now_ms);
-        if due || (unread > 0 && (pending.is_empty() || unread >= missing || !first)) {
+        if unread > 0 && since.is_none() {
+            since = Some(std::time::Instant::now());
+        }
+        let nudged = since.is_some_and(|t| t.elapsed() >= NUDGE);
+        if due || (unread > 0 && (pending.is_empty() || unread >= missing || nudged)) {
             bell.disarm();
             return Ok(());
         }
         let mut timeout = next_flush.map(|f| Duration::from_millis(f - now_ms));
-        if unread > 0 {
-            timeout = Some(timeout.map_or(NUDGE, |t| t.min(NUDGE)));
+        if let Some(t) = since {
+            let left = NUDGE.saturating_sub(t.elapsed());
+            timeout = Some(timeout.map_or(left, |x| x.min(left)));
         }
         if let Some(p) = poll {
             timeout = Some(timeout.map_or(p, |t| t.min(p)));
@@ -195,8 +200,6 @@ fn wait_for_work(
         if poll.is_some_and(|p| woke_at.elapsed() >= p) {
             return Ok(());
         }
-        // After the first wait with something unread, the next wake (or the nudge) receives.
-        first = unread == 0;
     }
 }
 
@@ -210,11 +213,22 @@ fn handle(
     stats: &mut HubStats,
 ) -> Result<(), CoordError> {
     let bus = mesh.bus();
-    let payload =
-        Payload::parse(m.payload.get(), usize::MAX).map_err(crate::store::SendError::from)?;
+    let from = AgentId::new(&m.from).map_err(|_| bad_sender(&m))?;
+    // A reply the hub collects for a round is only held: nothing to copy for it.
+    if let Some(r) = m.reply_to.as_deref()
+        && m.to != me.as_str()
+        && let Some(p) = pending.get_mut(r)
+        && p.coordinator.as_str() == m.to
+        && p.expect.contains(&m.from)
+    {
+        p.hold.push(m.id.clone());
+        p.replies.entry(m.from.clone()).or_insert(m);
+        return Ok(());
+    }
+    // Checked when it was first sent: passed on as it is.
+    let payload = Payload::from_received(&m.payload);
     let mut route = m.route.clone().unwrap_or_else(|| vec![m.from.clone()]);
     route.push(me.to_string());
-    let from = AgentId::new(&m.from).map_err(|_| bad_sender(&m))?;
     if m.to == me.as_str() {
         if m.fanout.is_some() {
             // A broadcast for the team: one copy per member, same id.
@@ -262,15 +276,6 @@ fn handle(
         } else {
             done.push(m.id.clone()); // nothing for a hub to do with a plain message to itself
         }
-        return Ok(());
-    }
-    if let Some(r) = m.reply_to.as_deref()
-        && let Some(p) = pending.get_mut(r)
-        && p.coordinator.as_str() == m.to
-        && p.expect.contains(&m.from)
-    {
-        p.hold.push(m.id.clone());
-        p.replies.entry(m.from.clone()).or_insert(m);
         return Ok(());
     }
     // Forward one hop on, keeping id, time and sequence.
