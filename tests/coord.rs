@@ -667,3 +667,60 @@ fn r4_a_coordinator_inside_a_team_gets_its_teammates_directly_and_no_late_batch(
     std::thread::sleep(Duration::from_millis(1300));
     assert_eq!(t.ok(&["count", "agent-0000"]).trim(), "0");
 }
+
+#[test]
+fn r4_bench_round_reports_every_field_per_size_and_topology() {
+    let o = std::process::Command::new(common::bin())
+        .args([
+            "bench",
+            "round",
+            "--agents",
+            "12,30",
+            "--rounds",
+            "2",
+            "--team-size",
+            "8",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let lines = parse_lines(&stdout(&o));
+    let seen: Vec<(u64, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["agents"].as_u64().unwrap(),
+                l["topology"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [(12, "flat"), (12, "hybrid"), (30, "flat"), (30, "hybrid")]
+    );
+    for l in &lines {
+        for f in [
+            "rounds",
+            "p50_ms",
+            "p95_ms",
+            "delivered_pct",
+            "coordinator_cpu_ms",
+            "floor_p50_ms",
+        ] {
+            assert!(l[f].is_number(), "{f} missing in {l}");
+        }
+        assert_eq!(l["delivered_pct"], 100.0);
+        assert_eq!(l["rounds"], 2);
+    }
+    // The coordinator gets one message per team in the hybrid topology (30 agents: 4 teams).
+    assert_eq!(lines[3]["coordinator_messages"], 4);
+    assert_eq!(lines[2]["coordinator_messages"], 30);
+    let o = std::process::Command::new(common::bin())
+        .args(["bench", "round", "--agents", "5", "--topology", "mesh"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("unknown topology"));
+}
