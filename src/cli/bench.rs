@@ -26,7 +26,7 @@ use shoal::sys::futex;
 use shoal::sys::shared::SharedWords;
 use shoal::{AgentId, Bus};
 
-use super::{Ctx, Exit, parse_duration};
+use super::{Children, Ctx, Exit, parse_duration};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCmd {
@@ -73,18 +73,6 @@ pub(crate) fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<Exit> {
     match cmd {
         BenchCmd::Round(a) => round(ctx, a),
         BenchCmd::FloorAgent(a) => floor_agent(&a),
-    }
-}
-
-/// Kills and reaps child processes left when the benchmark stops.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -193,7 +181,7 @@ fn shoal_rounds(
     let mut children = Children(Vec::new());
     let spawn = |args: &[&str]| -> anyhow::Result<Child> {
         let mut cmd = Command::new(exe);
-        shoal::sys::die_with_parent(&mut cmd);
+        Children::bind(&mut cmd);
         cmd.arg("--root")
             .arg(&root)
             .args(args)
@@ -336,7 +324,7 @@ impl Floor {
         let mut children = Children(Vec::with_capacity(n));
         for i in 0..n {
             let mut cmd = Command::new(exe);
-            shoal::sys::die_with_parent(&mut cmd);
+            Children::bind(&mut cmd);
             children.0.push(
                 cmd.args(["bench", "floor-agent", "--dir"])
                     .arg(&dir.0)

@@ -1,7 +1,7 @@
 //! `shoal demo`: a real run on the root. Starts echo-agent processes, runs coordination rounds
 //! through their inboxes, measures a send/receive burst, and shows the space coming back.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -9,7 +9,7 @@ use clap::Args;
 
 use shoal::{AgentId, Bus, RecvOptions, Wait};
 
-use super::{Ctx, Exit};
+use super::{Children, Ctx, Exit};
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
@@ -25,18 +25,6 @@ pub(crate) struct DemoArgs {
     /// Keep the demo's agents afterwards (default: remove them).
     #[arg(long)]
     keep: bool,
-}
-
-/// Kills whatever children are left if the demo stops early.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 pub(crate) fn run(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<Exit> {
@@ -59,7 +47,9 @@ pub(crate) fn run(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<Exit> {
     let t = Instant::now();
     let mut children = Children(Vec::with_capacity(workers.len()));
     for w in &workers {
-        let child = Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        Children::bind(&mut cmd);
+        let child = cmd
             .arg("--root")
             .arg(&root)
             .args(["echo", w.as_str()])

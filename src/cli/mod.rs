@@ -13,6 +13,26 @@ use std::time::Duration;
 use shoal::root::{self, Root, RootError, RootOptions};
 use shoal::{Bus, LayoutKind, RecvError, SendError};
 
+/// Child processes a command started: killed and reaped when it returns, and (through
+/// [`Children::bind`]) killed by the kernel if the command itself is killed.
+pub(crate) struct Children(pub(crate) Vec<std::process::Child>);
+
+impl Children {
+    /// Make the process `cmd` will start die with this one.
+    pub(crate) fn bind(cmd: &mut std::process::Command) {
+        shoal::sys::die_with_parent(cmd);
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Exit statuses, in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -636,19 +636,14 @@ impl Store for CompatStore {
         };
         let mut duplicates = Vec::new();
         // Lowest sequence of a routed message the filter left, per sender (see `Dedup`).
-        let mut left: Vec<(String, u64)> = Vec::new();
+        let mut left = super::LeftBehind::default();
         for f in files {
             if batch.messages.len() >= req.max {
                 break;
             }
             let mut env = f.env;
             if req.filter.is_some_and(|flt| !(flt.0)(&env)) {
-                if super::Dedup::tracks(&env) {
-                    match left.iter_mut().find(|(f, _)| *f == env.from) {
-                        Some((_, s)) => *s = (*s).min(env.seq),
-                        None => left.push((env.from.clone(), env.seq)),
-                    }
-                }
+                left.note(&env);
                 continue; // left in place for another receive
             }
             match st.leases.iter_mut().find(|l| l.name == f.name) {
@@ -657,11 +652,7 @@ impl Store for CompatStore {
                     l.until = until;
                     env.delivery = Some(l.n);
                 }
-                None if st.dedup.seen(
-                    &env,
-                    left.iter().any(|(f, s)| *f == env.from && *s < env.seq),
-                ) =>
-                {
+                None if st.dedup.seen(&env, left.older_than(&env)) => {
                     duplicates.push((f.name, f.len));
                     changed = true;
                     continue;

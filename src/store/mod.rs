@@ -497,6 +497,29 @@ impl Dedup {
     }
 }
 
+/// The routed messages one receive left in the inbox (its filter did not want them): the
+/// lowest sequence per sender, for [`Dedup::seen`]'s `older_waiting`.
+#[derive(Debug, Default)]
+pub(crate) struct LeftBehind(Vec<(String, u64)>);
+
+impl LeftBehind {
+    /// `e` stays in the inbox.
+    pub(crate) fn note(&mut self, e: &Envelope) {
+        if !Dedup::tracks(e) {
+            return;
+        }
+        match self.0.iter_mut().find(|(f, _)| *f == e.from) {
+            Some((_, s)) => *s = (*s).min(e.seq),
+            None => self.0.push((e.from.clone(), e.seq)),
+        }
+    }
+
+    /// Whether an older routed message from `e`'s sender was left.
+    pub(crate) fn older_than(&self, e: &Envelope) -> bool {
+        self.0.iter().any(|(f, s)| *f == e.from && *s < e.seq)
+    }
+}
+
 /// `mkdir` mode 0700 exactly, whatever the umask.
 pub(crate) fn mkdir_private(path: &Path) -> io::Result<()> {
     DirBuilder::new().mode(0o700).create(path)?;

@@ -193,7 +193,7 @@ fn receive_once(
     let mut delivered: Vec<(usize, u64)> = Vec::new(); // (shard, offset) of each message handed out
     // Lowest sequence of a routed message left undelivered by the filter, per sender: a later
     // one from that sender delivered now is ahead of it (see `Dedup`).
-    let mut left: Vec<(String, u64)> = Vec::new();
+    let mut left = crate::store::LeftBehind::default();
 
     // Expired leases, oldest first, that the filter wants.
     let mut expired = Vec::new();
@@ -237,12 +237,7 @@ fn receive_once(
                 }
                 match Envelope::parse(bytes) {
                     Ok(e) if !wanted(&e) => {
-                        if crate::store::Dedup::tracks(&e) {
-                            match left.iter_mut().find(|(f, _)| *f == e.from) {
-                                Some((_, s)) => *s = (*s).min(e.seq),
-                                None => left.push((e.from, e.seq)),
-                            }
-                        }
+                        left.note(&e);
                         p.pop(Outcome::Left);
                     }
                     Ok(e) => p.head = Some(e),
@@ -279,8 +274,7 @@ fn receive_once(
                 let Some(mut e) = p.head.take() else { break };
                 let (off, bytes) = p.line(p.next);
                 let len = bytes.len() as u64 + 1;
-                let older_waiting = left.iter().any(|(f, s)| *f == e.from && *s < e.seq);
-                if st.dedup.seen(&e, older_waiting) {
+                if st.dedup.seen(&e, left.older_than(&e)) {
                     batch.duplicates += 1;
                     p.pop(Outcome::Consumed);
                 } else {
