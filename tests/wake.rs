@@ -51,10 +51,10 @@ fn wait_until_blocked(children: &[Child]) {
 
 /// Start `n` receivers blocked in `recv --wait`, broadcast one message to each, check every one
 /// of them prints its message. Returns how many used inotify.
-fn broadcast_wakes_all(tag: &str, n: usize, wake: Option<&str>) -> usize {
+fn broadcast_wakes_all(tag: &str, layout: &str, n: usize, wake: Option<&str>) -> usize {
     let t = TestRoot::new(tag);
     let ids: Vec<String> = (0..n).map(|i| format!("w{i:04}")).collect();
-    let mut args = vec!["init"];
+    let mut args = vec!["--layout", layout, "init"];
     args.extend(ids.iter().map(String::as_str));
     t.ok(&args);
     let children: Vec<Child> = ids
@@ -94,7 +94,7 @@ fn broadcast_wakes_all(tag: &str, n: usize, wake: Option<&str>) -> usize {
 #[test]
 fn r2_waiters_are_woken_by_every_mechanism_and_past_the_inotify_limit() {
     for (mode, expect_inotify) in [("inotify", true), ("futex", false), ("poll", false)] {
-        let inotify = broadcast_wakes_all(&format!("mode-{mode}"), 20, Some(mode));
+        let inotify = broadcast_wakes_all(&format!("mode-{mode}"), "jsonl", 20, Some(mode));
         assert_eq!(
             inotify == 20,
             expect_inotify,
@@ -105,7 +105,10 @@ fn r2_waiters_are_woken_by_every_mechanism_and_past_the_inotify_limit() {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(128);
-    let inotify = broadcast_wakes_all("w300", 300, None);
+    // Default on jsonl: the doorbell, no inotify instance at all.
+    assert_eq!(broadcast_wakes_all("auto-jsonl", "jsonl", 20, None), 0);
+    // Default on compat: inotify while instances last, then the doorbell.
+    let inotify = broadcast_wakes_all("w300", "compat", 300, None);
     eprintln!(
         "300 waiters: {inotify} on inotify, {} on the futex doorbell (limit {limit} per user)",
         300 - inotify

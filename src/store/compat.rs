@@ -807,6 +807,7 @@ impl Store for CompatStore {
         Ok(WakeTarget {
             watch_dir: ib.inbox.clone(),
             doorbell: ib.bell.clone(),
+            outside_writers: true,
         })
     }
 }

@@ -310,6 +310,7 @@ impl Store for JsonlStore {
         Ok(WakeTarget {
             watch_dir: self.layout.inbox_in(&ib.dir),
             doorbell: ib.bell.clone(),
+            outside_writers: false,
         })
     }
 }
