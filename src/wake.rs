@@ -11,8 +11,9 @@
 //!   delivered in ~20 us. It costs one inotify instance per waiting process, and Linux allows
 //!   128 per user by default; past that, waiters fall back to the doorbell.
 //!
-//! On jsonl inboxes the doorbell was measured faster in coordination rounds (`bench round`, 708
-//! agents: about 4 % per round): no inotify event per append, two system calls fewer per wake.
+//! On jsonl inboxes the doorbell was measured faster in coordination rounds (708 agents: about
+//! 4 % per round; compare `SHOAL_WAKE=inotify shoal bench round --agents 708 --topology flat`
+//! with the default): no inotify event per append, two system calls fewer per wake.
 //! A third mode, polling with backoff (1 ms to 50 ms), exists as a last resort and for tests.
 //! `SHOAL_WAKE=inotify|futex|poll` forces one mechanism (default `auto`, as above).
 //!

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::Mesh;
-use super::round::{BATCH_TYPE, CoordError};
+use super::round::{BATCH_TYPE, CoordError, GATHER_NUDGE};
 use super::topology::Hop;
 use crate::bus::{RecvOptions, SendOptions, Wait};
 use crate::envelope::{AgentId, Envelope, Payload, now_micros};
@@ -163,7 +163,6 @@ fn wait_for_work(
     bell: &mut crate::wake::Waiter,
     poll: Option<Duration>,
 ) -> Result<(), CoordError> {
-    const NUDGE: Duration = Duration::from_millis(1);
     let held: usize = pending.values().map(|p| p.hold.len()).sum();
     let missing: usize = pending
         .values()
@@ -179,14 +178,14 @@ fn wait_for_work(
         if unread > 0 && since.is_none() {
             since = Some(std::time::Instant::now());
         }
-        let nudged = since.is_some_and(|t| t.elapsed() >= NUDGE);
+        let nudged = since.is_some_and(|t| t.elapsed() >= GATHER_NUDGE);
         if due || (unread > 0 && (pending.is_empty() || unread >= missing || nudged)) {
             bell.disarm();
             return Ok(());
         }
         let mut timeout = next_flush.map(|f| Duration::from_millis(f - now_ms));
         if let Some(t) = since {
-            let left = NUDGE.saturating_sub(t.elapsed());
+            let left = GATHER_NUDGE.saturating_sub(t.elapsed());
             timeout = Some(timeout.map_or(left, |x| x.min(left)));
         }
         if let Some(p) = poll {

@@ -21,8 +21,9 @@ use crate::envelope::{AgentId, Envelope, Gather, Payload, now_micros};
 use crate::store::{AgentError, Filter, RecvError, SendError};
 use crate::wake::{Waiter, WakeMode};
 
-/// How long a gathering coordinator lets replies pile up before taking those there (it takes
-/// them at once when every reply it waits for is there).
+/// How long a gathering coordinator, or a hub collecting its team's replies, lets replies pile
+/// up after the first before taking those there (it takes them at once when every reply it
+/// waits for is there).
 pub const GATHER_NUDGE: Duration = Duration::from_millis(1);
 
 /// The type of a hub's aggregate of replies.

@@ -543,3 +543,43 @@ pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
 pub(crate) fn now_ms() -> u64 {
     crate::envelope::now_micros() / 1000
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routed(from: &str, seq: u64) -> Envelope {
+        let line = format!(
+            r#"{{"v":1,"id":"msg-1-{seq}","from":"{from}","to":"b","type":"t","seq":{seq},"ts":1,"route":["{from}","hub"],"payload":0}}"#
+        );
+        Envelope::parse(line.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn dedup_drops_copies_in_order_and_ahead_and_forgets_past_its_memory() {
+        let mut d = Dedup::default();
+        assert!(!d.seen(&routed("a", 1), false));
+        assert!(d.seen(&routed("a", 1), false), "a copy of a delivered one");
+        // 3 delivered while 2 waits: the mark stays at 1.
+        assert!(!d.seen(&routed("a", 3), true));
+        assert!(!d.seen(&routed("a", 2), false), "the one left is still new");
+        assert!(
+            d.seen(&routed("a", 3), false),
+            "a copy of the one delivered ahead"
+        );
+        assert!(!d.seen(&routed("a", 4), false));
+        assert_eq!(d.routed["a"], 4);
+        assert!(!d.ahead.contains_key("a"), "passed by the mark: forgotten");
+        // Sequences delivered ahead are remembered up to AHEAD_MEMORY per sender.
+        let base = 10;
+        for k in 0..=AHEAD_MEMORY as u64 {
+            assert!(!d.seen(&routed("a", base + 1 + k), true));
+        }
+        assert_eq!(d.ahead["a"].len(), AHEAD_MEMORY);
+        assert!(
+            !d.seen(&routed("a", base + 1), false),
+            "the oldest was forgotten"
+        );
+        assert!(d.seen(&routed("a", base + 2), false));
+    }
+}
