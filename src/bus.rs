@@ -346,6 +346,8 @@ impl Bus {
             lease: opts.lease,
             filter: opts.filter,
         };
+        // Every receive counts as a heartbeat (an agent waiting for work is not stalled).
+        store.heartbeat(id)?;
         let deadline = match opts.wait {
             Wait::No => return Ok(fetch(store, &req)?.messages),
             Wait::Forever => None,
@@ -387,6 +389,7 @@ impl Bus {
             }
             w.wait(sleep)
                 .map_err(RecvError::at(self.inner.root.path()))?;
+            store.heartbeat(id)?;
         }
     }
 
@@ -395,6 +398,7 @@ impl Bus {
     /// # Errors
     /// [`RecvError`].
     pub fn ack(&self, id: &AgentId, ids: &[String]) -> Result<AckReport, RecvError> {
+        self.inner.store.heartbeat(id)?;
         self.inner.store.ack(id, AckTarget::Ids(ids))
     }
 
@@ -403,7 +407,25 @@ impl Bus {
     /// # Errors
     /// [`RecvError`].
     pub fn ack_all(&self, id: &AgentId) -> Result<AckReport, RecvError> {
+        self.inner.store.heartbeat(id)?;
         self.inner.store.ack(id, AckTarget::AllDelivered)
+    }
+
+    /// Say that an agent is alive and working (for an agent busy with something other than
+    /// the bus; its sends, receives and acknowledgements count already).
+    ///
+    /// # Errors
+    /// [`RecvError::UnknownAgent`].
+    pub fn heartbeat(&self, id: &AgentId) -> Result<(), RecvError> {
+        self.inner.store.heartbeat(id)
+    }
+
+    /// When an agent last did something, and since when messages wait for it.
+    ///
+    /// # Errors
+    /// [`RecvError::UnknownAgent`].
+    pub fn activity(&self, id: &AgentId) -> Result<crate::store::Activity, RecvError> {
+        self.inner.store.activity(id)
     }
 
     /// Unacknowledged messages and bytes in an inbox.

@@ -8,8 +8,6 @@
 //! id or sequence (see [`crate::store::Dedup`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -18,6 +16,7 @@ use super::round::{BATCH_TYPE, CoordError, GATHER_NUDGE};
 use super::topology::Hop;
 use crate::bus::{RecvOptions, SendOptions, Wait};
 use crate::envelope::{AgentId, Envelope, Payload, now_micros};
+use crate::liveness::{AliveLock, LivenessError};
 
 /// Messages a hub takes per receive.
 const BATCH: usize = 1024;
@@ -71,38 +70,12 @@ pub fn run(
     let me = t.hub.clone();
     let bus = mesh.bus();
     bus.init(&me)?;
-    let lock_path = bus.root().layout().alive_lock(&me);
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&lock_path)
-        .map_err(|source| CoordError::Io {
-            path: lock_path.clone(),
-            source,
-        })?;
     // A predecessor killed a moment ago still holds the lock until the kernel has torn it down
     // (a few milliseconds): wait for it a little before concluding a live hub runs.
-    let give_up = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        match lock.try_lock() {
-            Ok(()) => break,
-            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(CoordError::HubRunning(team.to_owned()));
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(CoordError::Io {
-                    path: lock_path,
-                    source,
-                });
-            }
-        }
-    }
+    let _alive = AliveLock::acquire(bus.root().layout(), &me, LOCK_WAIT).map_err(|e| match e {
+        LivenessError::Running(_) => CoordError::HubRunning(team.to_owned()),
+        LivenessError::Io { path, source } => CoordError::Io { path, source },
+    })?;
     bus.store().own_receiver(&me)?; // the hub is its inbox's only consumer
     let mut stats = HubStats {
         taken_over: bus.store().expire_leases(&me)?,

@@ -359,10 +359,12 @@ impl CompatStore {
         match cached {
             Some(ib) => {
                 ib.meta.sent().fetch_add(1, Ordering::Relaxed);
+                ib.meta.touch(crate::store::now_ms());
             }
             None => {
                 if let Ok(Some(m)) = Meta::open(&self.layout.meta(from)) {
                     m.sent().fetch_add(1, Ordering::Relaxed);
+                    m.touch(crate::store::now_ms());
                 }
             }
         }
@@ -601,6 +603,7 @@ impl Store for CompatStore {
             let _ = ib.lock.unlock();
             r?
         };
+        ib.meta.note_arrival(crate::store::now_ms());
         ib.bell.ring();
         if d.seq.is_none() {
             self.count_sent(d.from); // a forwarded message was counted when it was sent
@@ -800,6 +803,15 @@ impl Store for CompatStore {
 
     fn sent_count(&self, id: &AgentId) -> Result<u64, RecvError> {
         Ok(self.existing(id)?.meta.sent().load(Ordering::Relaxed))
+    }
+
+    fn heartbeat(&self, id: &AgentId) -> Result<(), RecvError> {
+        self.existing(id)?.meta.touch(crate::store::now_ms());
+        Ok(())
+    }
+
+    fn activity(&self, id: &AgentId) -> Result<crate::store::Activity, RecvError> {
+        Ok(crate::store::Activity::from_meta(&self.existing(id)?.meta))
     }
 
     fn wake_target(&self, id: &AgentId) -> Result<WakeTarget, RecvError> {

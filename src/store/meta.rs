@@ -16,6 +16,10 @@
 //!     56     8  quota: unconsumed bytes
 //!     64     8  removed flag (set under every shard lock before the agent is deleted)
 //!     72     8  receiver state pointer: generation (31 bits) | current slot (1 bit) | length (32 bits)
+//!     80     8  last activity, ms since the epoch: the agent's last send, receive, ack or
+//!               heartbeat (0: none yet)
+//!     88     8  waiting since, ms since the epoch: when the first message arrived after the
+//!               last activity (0: none yet); with the field above it tells a stalled agent
 //!  128+64s      shard s: len, writing, msgs appended, acked bytes, acked msgs (5 x u64)
 //!   4096+128i   sequence slot i: id length (u64), id (64 bytes), last sequence (u64)
 //! ```
@@ -28,6 +32,11 @@
 //! **Sequences.** All messages of one (from, to) pair go to one shard, so the pair's slot is only
 //! ever updated under that shard's lock. Slots are allocated once per sender under the meta
 //! file's own flock and never move.
+//!
+//! **Activity.** The two activity words were reserved (zero) in the first files of this version:
+//! zero reads as "never", so older files stay valid. Both are plain stores, no lock: an agent is
+//! *stalled* when messages wait and `now - max(activity, waiting since)` passes a threshold (see
+//! [`Meta::activity`]).
 //!
 //! **No SIGBUS.** The file is sparse (2 MiB + 4 KiB); pages are reserved with `fallocate` before
 //! the first store to them, so a full tmpfs gives a clean `ENOSPC` instead of a crash.
@@ -59,6 +68,8 @@ const QUOTA_MSGS_OFF: usize = 48;
 const QUOTA_BYTES_OFF: usize = 56;
 const REMOVED_OFF: usize = 64;
 const STATE_PTR_OFF: usize = 72;
+const ACTIVITY_OFF: usize = 80;
+const WAITING_SINCE_OFF: usize = 88;
 
 const SHARD_BASE: usize = 128;
 const SHARD_STRIDE: usize = 64;
@@ -217,6 +228,34 @@ impl Meta {
         self.words
             .u64_at(QUOTA_BYTES_OFF)
             .store(bytes, Ordering::Relaxed);
+    }
+
+    /// The agent did something (sent, received, acknowledged, or said it is alive) at `now_ms`.
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.words
+            .u64_at(ACTIVITY_OFF)
+            .store(now_ms, Ordering::Relaxed);
+    }
+
+    /// A message arrived at `now_ms`: start the waiting clock unless it already runs, i.e.
+    /// unless a message arrived since the agent's last activity. Two senders racing both store
+    /// about `now`, which is as good.
+    pub(crate) fn note_arrival(&self, now_ms: u64) {
+        let since = self.words.u64_at(WAITING_SINCE_OFF);
+        if since.load(Ordering::Relaxed) <= self.words.u64_at(ACTIVITY_OFF).load(Ordering::Relaxed)
+        {
+            since.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// (last activity, waiting since, receivers asleep on the doorbell); times in ms since the
+    /// epoch, 0 for never.
+    pub(crate) fn activity(&self) -> (u64, u64, u32) {
+        (
+            self.words.u64_at(ACTIVITY_OFF).load(Ordering::Relaxed),
+            self.words.u64_at(WAITING_SINCE_OFF).load(Ordering::Relaxed),
+            self.words.u32_at(WAITERS_OFF).load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn doorbell(&self) -> Doorbell {

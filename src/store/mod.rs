@@ -374,6 +374,58 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`RecvError::UnknownAgent`] if there is no such agent.
     fn wake_target(&self, id: &AgentId) -> Result<WakeTarget, RecvError>;
+
+    /// Record that the agent is alive and working now (its sends are recorded by
+    /// [`Store::append`]; the bus calls this on every receive and acknowledgement).
+    ///
+    /// # Errors
+    /// [`RecvError::UnknownAgent`] if there is no such agent.
+    fn heartbeat(&self, id: &AgentId) -> Result<(), RecvError>;
+
+    /// When the agent last did something, and since when messages wait for it.
+    ///
+    /// # Errors
+    /// [`RecvError::UnknownAgent`] if there is no such agent.
+    fn activity(&self, id: &AgentId) -> Result<Activity, RecvError>;
+}
+
+/// An agent's recent activity, from its meta table (see [`Store::activity`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Its last send, receive, acknowledgement or heartbeat, in ms since the epoch.
+    pub last_ms: Option<u64>,
+    /// When the first message arrived after that, in ms since the epoch.
+    pub waiting_since_ms: Option<u64>,
+    /// Whether a receiver is asleep on its doorbell now (a waiting agent, ready to receive).
+    pub asleep: bool,
+}
+
+impl Activity {
+    pub(crate) fn from_meta(m: &meta::Meta) -> Activity {
+        let (last, since, sleepers) = m.activity();
+        Activity {
+            last_ms: (last != 0).then_some(last),
+            waiting_since_ms: (since != 0).then_some(since),
+            asleep: sleepers != 0,
+        }
+    }
+
+    /// Whether an agent with `depth` waiting is stalled at `now_ms`: messages wait and it has
+    /// done nothing for `after` since the later of its last activity and the first of them
+    /// arriving. (An agent idle for an hour whose first message arrived a second ago is not
+    /// stalled; one that took a message and went quiet is, once `after` passes.)
+    pub fn stalled(&self, depth: &Depth, now_ms: u64, after: Duration) -> bool {
+        let clock = self
+            .last_ms
+            .unwrap_or(0)
+            .max(self.waiting_since_ms.unwrap_or(0));
+        depth.msgs > 0 && now_ms.saturating_sub(clock) > after.as_millis() as u64
+    }
+
+    /// Milliseconds since the last activity at `now_ms` (`None`: never active).
+    pub fn idle_ms(&self, now_ms: u64) -> Option<u64> {
+        self.last_ms.map(|t| now_ms.saturating_sub(t))
+    }
 }
 
 /// FNV-1a, for the small per-process maps keyed by agent id on the send path (SipHash's
@@ -540,7 +592,8 @@ pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
 }
 
 /// Milliseconds since the Unix epoch, now.
-pub(crate) fn now_ms() -> u64 {
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
     crate::envelope::now_micros() / 1000
 }
 

@@ -305,6 +305,15 @@ impl Store for JsonlStore {
         Ok(self.existing(id)?.meta.sent().load(Ordering::Relaxed))
     }
 
+    fn heartbeat(&self, id: &AgentId) -> Result<(), RecvError> {
+        self.existing(id)?.meta.touch(crate::store::now_ms());
+        Ok(())
+    }
+
+    fn activity(&self, id: &AgentId) -> Result<crate::store::Activity, RecvError> {
+        Ok(crate::store::Activity::from_meta(&self.existing(id)?.meta))
+    }
+
     fn wake_target(&self, id: &AgentId) -> Result<WakeTarget, RecvError> {
         let ib = self.existing(id)?;
         Ok(WakeTarget {

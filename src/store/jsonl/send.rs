@@ -109,6 +109,7 @@ fn count_sent(store: &JsonlStore, d: &Draft<'_>) {
         }
         if let Some(s) = r.sender.as_ref().filter(|s| !s.meta.removed()) {
             s.meta.sent().fetch_add(1, Ordering::Relaxed);
+            s.meta.touch(d.ts / 1000);
         }
     });
 }
@@ -223,6 +224,7 @@ pub(super) fn append(store: &JsonlStore, d: Draft<'_>) -> Result<Receipt, SendEr
             }
         }
     })?;
+    inbox.meta.note_arrival(d.ts / 1000);
     inbox.bell.ring();
     if d.seq.is_none() {
         count_sent(store, &d); // a forwarded message was counted when it was sent
