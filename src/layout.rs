@@ -16,6 +16,11 @@
 //!   agents/.staging-*, .trash-*    transient: agents are created and removed by rename
 //!   topology.json                  teams and hubs, when planned (see crate::coord::topology)
 //!   .shoal-topology.lock           flock held while the topology changes
+//!   incidents.jsonl                spawner incidents: throttles, crashes, restarts, stalls
+//!                                  (JSONL, see crate::agents::incidents)
+//!   spawner.json                   the running (or last) spawner's view of its agents
+//!                                  (see crate::agents::status)
+//!   .shoal-spawner.lock            flock held by the spawner while it runs
 //! ```
 //!
 //! The `compat` layout, the bash `message-bus.sh` layout that scripts read directly:
@@ -28,6 +33,7 @@
 //!   <id>/outbox/                   kept empty: shoal counts sent messages instead of copying them
 //!   <id>/.shoal/meta, state.0, state.1, recv.lock   as above
 //!   .shoal-topology.json           teams and hubs, when planned
+//!   .shoal-incidents.jsonl, .shoal-spawner.json, .shoal-spawner.lock   as above
 //! ```
 //!
 //! Agent ids are validated ([`AgentId`]) before they reach this module, so every path built here
@@ -215,6 +221,32 @@ impl Layout {
     /// Temporary name the topology is written under before the rename.
     pub fn topology_tmp(&self) -> PathBuf {
         self.root.join(".shoal-topology.json.tmp")
+    }
+
+    /// The spawner's incident log.
+    pub fn incidents(&self) -> PathBuf {
+        self.root.join(match self.kind {
+            LayoutKind::Jsonl => "incidents.jsonl",
+            LayoutKind::Compat => ".shoal-incidents.jsonl",
+        })
+    }
+
+    /// The spawner's status file.
+    pub fn spawner_status(&self) -> PathBuf {
+        self.root.join(match self.kind {
+            LayoutKind::Jsonl => "spawner.json",
+            LayoutKind::Compat => ".shoal-spawner.json",
+        })
+    }
+
+    /// Temporary name the spawner's status is written under before the rename.
+    pub fn spawner_status_tmp(&self) -> PathBuf {
+        self.root.join(".shoal-spawner.json.tmp")
+    }
+
+    /// Held by a running spawner (one per root).
+    pub fn spawner_lock(&self) -> PathBuf {
+        self.root.join(".shoal-spawner.lock")
     }
 
     /// Held while the topology is read and rewritten.

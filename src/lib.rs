@@ -48,6 +48,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod agents;
 pub mod bus;
 pub mod compat;
 pub mod coord;

@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 /// Local agents coordinating through JSONL inboxes on tmpfs.
 ///
 /// Root directory: --root, else SHOAL_ROOT, else MESSAGE_BASE_DIR, else /dev/shm/shoal-<uid>.
-/// Exit status: 0 ok, 1 error, 3 round incomplete, 75 inbox full (retry later), 124 timed out.
+/// Exit status: 0 ok, 1 error, 3 round incomplete, 75 inbox full (retry later), 124 timed out,
+/// 128+N stopped by signal N (spawn).
 #[derive(Debug, Parser)]
 #[command(name = "shoal", version, max_term_width = 100)]
 struct Cli {
@@ -31,7 +32,10 @@ struct Cli {
     command: Command,
 }
 
+// Subcommands' arguments are built only for the subcommand that runs: an agent process
+// starting `shoal recv` does not pay for building thirty commands it will not use.
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 enum Command {
     /// Create agents and their inboxes (idempotent).
     Init(cli::bus::InitArgs),
@@ -71,6 +75,16 @@ enum Command {
     Request(cli::coord::RequestArgs),
     /// Wait until every member of a set reaches a named barrier.
     Barrier(cli::coord::BarrierArgs),
+    /// Start N agent processes running CMD and supervise them until they end or are stopped.
+    /// Exit status 0 if all ended well, 1 if some crashed, 128+signal if stopped by a signal.
+    Spawn(cli::spawn::SpawnArgs),
+    /// List agents: state (from liveness locks), pid, restarts, inbox depth, idle time.
+    Ps(cli::spawn::PsArgs),
+    /// Tell the spawner an agent busy with other work is alive (any send/recv/ack counts too).
+    Heartbeat(cli::spawn::HeartbeatArgs),
+    /// The spawner's guardian process (started by `shoal spawn`, not by hand).
+    #[command(hide = true)]
+    SpawnGuard(cli::spawn::GuardArgs),
     /// Run a real demo: agent processes on the root, coordination rounds, throughput.
     Demo(cli::demo::DemoArgs),
     /// Benchmarks that need real processes (criterion benchmarks: `cargo bench`).
@@ -91,6 +105,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    shoal::sys::die_with_spawner();
     shoal::sys::raise_fd_limit();
     let ctx = cli::Ctx::new(cli.root, cli.bash_logs, cli.layout);
     let result = match cli.command {
@@ -112,6 +127,10 @@ fn main() -> ExitCode {
         Command::Gather(a) => cli::coord::gather(&ctx, a),
         Command::Request(a) => cli::coord::request(&ctx, a),
         Command::Barrier(a) => cli::coord::barrier(&ctx, a),
+        Command::Spawn(a) => cli::spawn::spawn(&ctx, a),
+        Command::Ps(a) => cli::spawn::ps(&ctx, a),
+        Command::Heartbeat(a) => cli::spawn::heartbeat(&ctx, a),
+        Command::SpawnGuard(a) => cli::spawn::guard(a),
         Command::Demo(a) => cli::demo::run(&ctx, a),
         Command::Bench(c) => cli::bench::run(&ctx, c),
     };

@@ -32,6 +32,9 @@ use super::{Children, Ctx, Exit, parse_duration};
 pub(crate) enum BenchCmd {
     /// Coordination rounds with real agent processes, flat and hybrid, against the floor.
     Round(RoundArgs),
+    /// Starting 500 and 1000 agents with `shoal spawn` against spawning as many trivial
+    /// processes; memory and CPU of idle waiting agents.
+    Spawn(super::bench_spawn::SpawnBenchArgs),
     /// One receiver of the floor measurement (started by `bench round`).
     #[command(hide = true)]
     FloorAgent(FloorAgentArgs),
@@ -72,11 +75,12 @@ pub(crate) struct FloorAgentArgs {
 pub(crate) fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<Exit> {
     match cmd {
         BenchCmd::Round(a) => round(ctx, a),
+        BenchCmd::Spawn(a) => super::bench_spawn::run(a),
         BenchCmd::FloorAgent(a) => floor_agent(&a),
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -84,10 +88,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Set by SIGINT or SIGTERM: the benchmark stops after the current round and cleans up.
-static STOP: std::sync::LazyLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+pub(crate) static STOP: std::sync::LazyLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
     std::sync::LazyLock::new(Default::default);
 
-fn interrupted() -> anyhow::Result<()> {
+pub(crate) fn interrupted() -> anyhow::Result<()> {
     if STOP.load(Ordering::Relaxed) {
         bail!("interrupted");
     }
@@ -143,7 +147,7 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -260,7 +264,7 @@ fn shoal_rounds(
 }
 
 /// A scratch directory on tmpfs, removed on drop.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -268,7 +272,7 @@ impl Drop for Scratch {
     }
 }
 
-fn scratch(tag: &str) -> anyhow::Result<Scratch> {
+pub(crate) fn scratch(tag: &str) -> anyhow::Result<Scratch> {
     let p = PathBuf::from(format!("/dev/shm/shoal-bench-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p)?;

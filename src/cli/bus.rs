@@ -161,7 +161,8 @@ pub(crate) fn send(ctx: &Ctx, a: SendArgs) -> anyhow::Result<Exit> {
 
 #[derive(Debug, Args)]
 pub(crate) struct RecvArgs {
-    /// Receiving agent id.
+    /// Receiving agent id (default: SHOAL_AGENT_ID, set for agents `shoal spawn` starts).
+    #[arg(env = "SHOAL_AGENT_ID")]
     id: String,
     /// Block until a message arrives.
     #[arg(long)]
@@ -255,7 +256,8 @@ pub(crate) fn ack(ctx: &Ctx, a: AckArgs) -> anyhow::Result<Exit> {
 
 #[derive(Debug, Args)]
 pub(crate) struct EchoArgs {
-    /// The agent to serve as (created if missing).
+    /// The agent to serve as, created if missing (default: SHOAL_AGENT_ID).
+    #[arg(env = "SHOAL_AGENT_ID")]
     id: String,
     /// Exit after answering this many messages.
     #[arg(long, value_name = "N")]

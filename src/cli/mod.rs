@@ -1,9 +1,11 @@
 //! Command implementations. Each family has a file; none holds logic a library user would miss.
 
 pub(crate) mod bench;
+pub(crate) mod bench_spawn;
 pub(crate) mod bus;
 pub(crate) mod coord;
 pub(crate) mod demo;
+pub(crate) mod spawn;
 pub(crate) mod verbs;
 
 use std::io::{self, Write};
@@ -47,6 +49,12 @@ pub(crate) enum Exit {
     Incomplete = 3,
     /// `recv --wait --timeout` passed without a message (as `timeout(1)`).
     Timeout = 124,
+    /// Stopped by SIGHUP (128 + 1, as a shell reports it).
+    Hangup = 129,
+    /// Stopped by SIGINT (128 + 2).
+    Interrupted = 130,
+    /// Stopped by SIGTERM (128 + 15).
+    Terminated = 143,
 }
 
 /// Everything a command needs from the command line's global options.

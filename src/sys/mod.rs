@@ -198,3 +198,81 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// A copy of `fd` without close-on-exec: every process started while it is open inherits it
+/// (every descriptor shoal opens itself is close-on-exec). Close it as soon as the child is
+/// started.
+///
+/// # Errors
+/// The `fcntl(2)` error.
+pub fn dup_inheritable(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD on a descriptor the caller owns; the result is a new descriptor we own.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a freshly duplicated descriptor owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}
+
+/// For a shoal process started directly by `shoal spawn` (`SHOAL_SPAWNER_PID` names its
+/// parent): die (SIGKILL) when the spawner dies. The spawner starts agents without running code
+/// between fork and exec, so the agent sets this itself; other programs are covered by the
+/// spawner's guardian.
+pub fn die_with_spawner() {
+    let Some(spawner) =
+        std::env::var_os("SHOAL_SPAWNER_PID").and_then(|v| v.to_str()?.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // SAFETY: getppid and prctl have no memory-safety preconditions.
+    unsafe {
+        if libc::getppid() != spawner {
+            return; // started by an agent, not by the spawner
+        }
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() != spawner {
+            libc::_exit(1); // the spawner died before the request took effect
+        }
+    }
+}
+
+/// `ms` since the epoch as ISO-8601 UTC with milliseconds: `2026-12-01T22:49:38.123Z`.
+pub fn iso8601_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn iso8601() {
+        assert_eq!(super::iso8601_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::iso8601_utc(1_795_310_779_123),
+            "2026-11-22T01:26:19.123Z"
+        );
+        assert_eq!(
+            super::iso8601_utc(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+}

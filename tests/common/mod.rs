@@ -49,6 +49,9 @@ impl TestRoot {
             "SHOAL_WAKE",
             "SHOAL_MAX_PAYLOAD",
             "SHOAL_BASH_LOGS",
+            "SHOAL_AGENT_ID",
+            "SHOAL_SPAWNER_PID",
+            "SHOAL_LAYOUT",
         ] {
             c.env_remove(v);
         }
