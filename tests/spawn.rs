@@ -599,3 +599,46 @@ fn r5_ps_lists_agents_without_a_spawner() {
     assert!(text.starts_with("ID"), "{text}");
     assert!(text.lines().nth(2).unwrap().contains("down"), "{text}");
 }
+
+#[test]
+fn r5_bench_spawn_reports_start_up_memory_and_cpu() {
+    let o = Command::new(bin())
+        .args([
+            "bench", "spawn", "--agents", "10,25", "--repeat", "2", "--idle", "300ms", "--json",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let lines = common::parse_lines(&stdout(&o));
+    let sizes: Vec<u64> = lines
+        .iter()
+        .map(|l| l["agents"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [10, 25]);
+    for l in &lines {
+        for f in [
+            "total_ms_p50",
+            "init_ms_p50",
+            "ready_ms_p50",
+            "floor_ms_p50",
+            "ratio_to_floor",
+            "spawner_cpu_ms_p50",
+            "idle_cpu_pct",
+            "spawner_idle_cpu_pct",
+        ] {
+            assert!(l[f].is_number(), "{f} missing in {l}");
+        }
+        // Real processes were measured: each has some resident memory, under 10 MiB.
+        let pss = l["pss_kib_per_agent"].as_f64().unwrap();
+        assert!(pss > 50.0 && pss < 10240.0, "{l}");
+        assert!(l["floor_ms_p50"].as_f64().unwrap() > 0.0);
+    }
+    let o = Command::new(bin())
+        .args(["bench", "spawn", "--agents", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("at least 1"), "{}", stderr(&o));
+}

@@ -214,6 +214,8 @@ pub struct Counts {
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// Status file rewrites at most this often.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
+/// How often starting processes are looked up in /proc (have they gone to sleep?).
+const PROC_CHECK: Duration = Duration::from_millis(10);
 /// CPU headroom is sampled over at least this long.
 const CPU_SAMPLE: Duration = Duration::from_millis(100);
 
@@ -239,6 +241,7 @@ pub struct Spawner {
     all_ready: Option<Duration>,
     stop_deadline: Option<Instant>,
     next_stall_check: Instant,
+    next_proc_check: Instant,
     status_dirty: bool,
     status_written: Option<Instant>,
     counts_cache: Counts,
@@ -330,6 +333,7 @@ impl Spawner {
             all_ready: None,
             stop_deadline: None,
             next_stall_check: now + opts.stall_after.min(Duration::from_secs(1)),
+            next_proc_check: now,
             status_dirty: true,
             status_written: None,
             counts_cache: Counts::default(),
@@ -609,10 +613,16 @@ impl Spawner {
         self.incident(b, snapshot);
     }
 
-    /// Starting agents that touched the bus (or whose ready timeout passed) are running.
+    /// Starting agents are running once they touched the bus (a receiver that looked at its
+    /// inbox is ready to receive), or went to sleep (blocked on something: done with starting
+    /// up, whatever the program), or their ready timeout passed.
     fn check_ready(&mut self) {
         let now = Instant::now();
         let store = self.bus.store();
+        let look_at_proc = now >= self.next_proc_check;
+        if look_at_proc {
+            self.next_proc_check = now + PROC_CHECK;
+        }
         let mut changed = false;
         for s in self.slots.iter_mut().filter(|s| s.state == State::Starting) {
             let active = store
@@ -620,7 +630,8 @@ impl Spawner {
                 .ok()
                 .and_then(|a| a.last_ms)
                 .is_some_and(|t| t >= s.started_ms);
-            if active || now.duration_since(s.started_at) >= self.opts.ready_timeout {
+            let asleep = || look_at_proc && s.pid.is_some_and(is_sleeping);
+            if active || now.duration_since(s.started_at) >= self.opts.ready_timeout || asleep() {
                 s.state = State::Running;
                 s.ready_once = true;
                 changed = true;
@@ -1042,6 +1053,14 @@ impl Drop for Spawner {
             self.write_status(true);
         }
     }
+}
+
+/// Whether process `pid` is asleep (blocked in a wait of some kind), from /proc/<pid>/stat.
+fn is_sleeping(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('S')))
+        .unwrap_or(false)
 }
 
 fn is_transient(e: &io::Error) -> bool {

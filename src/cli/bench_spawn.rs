@@ -114,13 +114,19 @@ pub(crate) fn run(a: SpawnBenchArgs) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// Fork and exec `n` copies of `true`, then reap them: milliseconds.
+/// Fork and exec `n` copies of `true` (by its full path: no PATH search), then reap them:
+/// milliseconds.
 fn trivial_processes(n: usize) -> anyhow::Result<f64> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let prog = std::env::split_paths(&path)
+        .map(|d| d.join("true"))
+        .find(|p| p.is_file())
+        .context("no `true` on PATH")?;
     let t0 = Instant::now();
     let mut kids = Vec::with_capacity(n);
     for _ in 0..n {
         kids.push(
-            Command::new("true")
+            Command::new(&prog)
                 .stdin(Stdio::null())
                 .spawn()
                 .context("cannot start `true`")?,

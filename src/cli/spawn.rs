@@ -59,8 +59,9 @@ pub(crate) struct SpawnArgs {
     /// An agent with messages waiting and no activity for this long is stalled.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     stall_after: Duration,
-    /// An agent that has not touched the bus this long after its start counts as started.
-    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    /// An agent counts as started once it touches the bus or blocks (waits for anything), or
+    /// after this long: until then it counts against --max-wip.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
     ready_timeout: Duration,
     /// Write each agent's stdout and stderr to DIR/<id>.log (default: inherited).
     #[arg(long, value_name = "DIR")]
@@ -244,10 +245,27 @@ pub(crate) fn plan(
             runs_hub: None,
         });
     }
-    for s in &specs {
-        bus.init(&s.id)
-            .with_context(|| format!("cannot create agent {}", s.id))?;
-    }
+    // Creating an inbox is a few dozen file operations: spread them over the CPUs.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = specs.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = specs
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for s in part {
+                        bus.init(&s.id)
+                            .with_context(|| format!("cannot create agent {}", s.id))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        jobs.into_iter().try_for_each(|j| {
+            j.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("inbox creation panicked")))
+        })
+    })?;
     Ok(specs)
 }
 
