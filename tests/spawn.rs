@@ -642,3 +642,74 @@ fn r5_bench_spawn_reports_start_up_memory_and_cpu() {
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("at least 1"), "{}", stderr(&o));
 }
+
+#[test]
+fn r5_low_cpu_headroom_throttles_starts_without_losing_any() {
+    let t = TestRoot::new("spawnthrottle");
+    // Agents that keep both CPUs busy for a while: with half of the CPU to be kept idle,
+    // starts pause (a `throttle` incident), and every agent still starts.
+    let busy = "end=$(($(date +%s) + 2)); while [ $(date +%s) -lt $end ]; do :; done";
+    let sp = Spawn::start(
+        &t,
+        &[
+            "-n",
+            "12",
+            "--batch",
+            "2",
+            "--ready-timeout",
+            "50ms",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            busy,
+        ],
+        &[("AF_CPU_HEADROOM_TARGET", "50")],
+    );
+    let (status, out, err) = sp.finish(Duration::from_secs(60));
+    assert_eq!(status, Some(0), "{err}");
+    let summary: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["exited"], 12);
+    let throttles = kinds(&incidents(&t), "throttle");
+    assert!(!throttles.is_empty(), "no throttle incident");
+    assert!(throttles[0]["value"].as_f64().unwrap() < 50.0);
+}
+
+#[test]
+fn r5_ended_agents_are_reaped_while_others_run() {
+    let t = TestRoot::new("spawnreap");
+    let sp = Spawn::start(
+        &t,
+        &[
+            "-n",
+            "6",
+            "--ready-timeout",
+            "100ms",
+            "--",
+            "sh",
+            "-c",
+            "case $SHOAL_AGENT_ID in agent-000[0-2]) exit 0;; esac; sleep 60",
+        ],
+        &[],
+    );
+    wait_ps(&t, Duration::from_secs(10), |r| {
+        states(r) == [("exited".to_owned(), 3), ("running".to_owned(), 3)].into()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let zombies: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let rest = stat.rsplit_once(") ")?.1;
+            let mut f = rest.split_whitespace();
+            let state = f.next()?;
+            let ppid: i32 = f.next()?.parse().ok()?;
+            (state == "Z" && ppid == sp.pid()).then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect();
+    assert!(zombies.is_empty(), "unreaped children: {zombies:?}");
+    sp.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, _, _) = sp.finish(Duration::from_secs(10));
+    assert_eq!(status, Some(143));
+}

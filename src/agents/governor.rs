@@ -12,7 +12,9 @@
 //! | backoff max | `AF_BACKOFF_MAX_MS` | 30000 | longest delay |
 //! | multiplier | `AF_BACKOFF_MULTIPLIER` | 2.0 | growth of the delay per consecutive failure |
 //!
-//! CPU headroom is read from `/proc/stat` (idle + iowait over all CPUs, between two samples).
+//! CPU headroom is read from `/proc/stat` (idle + iowait over all CPUs) between two batches,
+//! over at least 25 ms; while it is below the target, starts pause and a `throttle` incident
+//! is recorded once per episode.
 
 use std::time::Duration;
 

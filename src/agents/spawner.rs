@@ -217,7 +217,7 @@ const STATUS_EVERY: Duration = Duration::from_millis(250);
 /// How often starting processes are looked up in /proc (have they gone to sleep?).
 const PROC_CHECK: Duration = Duration::from_millis(10);
 /// CPU headroom is sampled over at least this long.
-const CPU_SAMPLE: Duration = Duration::from_millis(100);
+const CPU_WINDOW: Duration = Duration::from_millis(25);
 
 /// A running spawner. See the module documentation.
 #[derive(Debug)]
@@ -232,7 +232,7 @@ pub struct Spawner {
     guard: Guardian,
     wake_rx: UnixStream,
     cpu: CpuSampler,
-    cpu_next: Instant,
+    cpu_sampled_at: Instant,
     cpu_low: bool,
     since_check: usize,
     pause_until: Option<Instant>,
@@ -323,8 +323,12 @@ impl Spawner {
             _lock: lock,
             guard,
             wake_rx,
-            cpu: CpuSampler::default(),
-            cpu_next: now,
+            cpu: {
+                let mut c = CpuSampler::default();
+                let _ = c.headroom(); // the baseline of the first window
+                c
+            },
+            cpu_sampled_at: now,
             cpu_low: false,
             since_check: 0,
             pause_until: None,
@@ -692,35 +696,39 @@ impl Spawner {
         Ok(())
     }
 
-    /// Between batches: is CPU headroom below the target? Then pause starts for a sample.
+    /// Between batches: is CPU headroom below the target? Headroom is measured over the time
+    /// since the last check, at least `CPU_WINDOW` (`/proc/stat` counts in 10 ms ticks): a
+    /// batch that comes sooner waits for the window to fill.
     fn cpu_throttled(&mut self) -> bool {
         let target = self.opts.governor.cpu_headroom;
         if target <= 0.0 {
             return false;
         }
         let now = Instant::now();
-        if now >= self.cpu_next {
-            self.cpu_next = now + CPU_SAMPLE;
-            if let Some(h) = self.cpu.headroom() {
-                let low = h < target;
-                if low && !self.cpu_low {
-                    let mut i = Incident::new(
-                        Kind::Throttle,
-                        now_ms(),
-                        format!(
-                            "CPU headroom {h:.1}% is below the {target}% target: starts paused"
-                        ),
-                    );
-                    i.value = Some((h * 10.0).round() / 10.0);
-                    self.incident(i, None);
-                }
-                self.cpu_low = low;
-            }
+        let ready_at = self.cpu_sampled_at + CPU_WINDOW;
+        if now < ready_at {
+            self.pause_until = Some(ready_at);
+            return true;
         }
-        if self.cpu_low {
-            self.pause_until = Some(now + CPU_SAMPLE);
+        self.cpu_sampled_at = now;
+        let Some(h) = self.cpu.headroom() else {
+            return false;
+        };
+        let low = h < target;
+        if low && !self.cpu_low {
+            let mut i = Incident::new(
+                Kind::Throttle,
+                now_ms(),
+                format!("CPU headroom {h:.1}% is below the {target}% target: starts paused"),
+            );
+            i.value = Some((h * 10.0).round() / 10.0);
+            self.incident(i, None);
         }
-        self.cpu_low
+        self.cpu_low = low;
+        if low {
+            self.pause_until = Some(now + CPU_WINDOW);
+        }
+        low
     }
 
     /// Start slot `i`'s process.
@@ -738,6 +746,10 @@ impl Spawner {
                             "agent {id} is already running elsewhere (its liveness lock is held)"
                         ),
                     );
+                    return Ok(());
+                }
+                Err(LivenessError::Io { source, .. }) if is_transient(&source) => {
+                    self.spawn_failed(i, format!("cannot open its liveness lock: {source}"));
                     return Ok(());
                 }
                 Err(LivenessError::Io { path, source }) => {
