@@ -161,6 +161,35 @@ impl Locked<'_> {
         {
             return Err(AppendError::NotALine);
         }
+        self.write_lines(record, trusted_len)
+    }
+
+    /// Append several records at once (complete lines, each ending in `\n`), in one `write()`:
+    /// all of them or, on error, none (the file is truncated back). For writers that buffer
+    /// records and flush them in batches (metrics).
+    ///
+    /// # Errors
+    /// As [`Locked::append`]; [`AppendError::NotALine`] if `records` is empty, does not end in
+    /// `\n`, or holds an empty line.
+    pub fn append_lines(
+        &mut self,
+        records: &[u8],
+        trusted_len: Option<u64>,
+    ) -> Result<Appended, AppendError> {
+        if records.last() != Some(&b'\n')
+            || records[0] == b'\n'
+            || memchr::memmem::find(records, b"\n\n").is_some()
+        {
+            return Err(AppendError::NotALine);
+        }
+        self.write_lines(records, trusted_len)
+    }
+
+    fn write_lines(
+        &mut self,
+        record: &[u8],
+        trusted_len: Option<u64>,
+    ) -> Result<Appended, AppendError> {
         let io_err = |source| AppendError::Io {
             path: self.journal.path.clone(),
             source,

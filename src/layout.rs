@@ -16,6 +16,8 @@
 //!   agents/.staging-*, .trash-*    transient: agents are created and removed by rename
 //!   topology.json                  teams and hubs, when planned (see crate::coord::topology)
 //!   .shoal-topology.lock           flock held while the topology changes
+//!   metrics/shard-00.jsonl ...     metric records (JSONL, see crate::obs::metrics), and
+//!   metrics/shard-NN.<ms>-<pid>.jsonl   shards rotated away by size, pruned by age
 //!   incidents.jsonl                spawner incidents: throttles, crashes, restarts, stalls
 //!                                  (JSONL, see crate::agents::incidents)
 //!   spawner.json                   the running (or last) spawner's view of its agents
@@ -34,6 +36,7 @@
 //!   <id>/.shoal/meta, state.0, state.1, recv.lock   as above
 //!   .shoal-topology.json           teams and hubs, when planned
 //!   .shoal-incidents.jsonl, .shoal-spawner.json, .shoal-spawner.lock   as above
+//!   .shoal-metrics/                as metrics/ above
 //! ```
 //!
 //! Agent ids are validated ([`AgentId`]) before they reach this module, so every path built here
@@ -221,6 +224,14 @@ impl Layout {
     /// Temporary name the topology is written under before the rename.
     pub fn topology_tmp(&self) -> PathBuf {
         self.root.join(".shoal-topology.json.tmp")
+    }
+
+    /// The metrics directory (16 JSONL shards by default, and their rotated files).
+    pub fn metrics_dir(&self) -> PathBuf {
+        self.root.join(match self.kind {
+            LayoutKind::Jsonl => "metrics",
+            LayoutKind::Compat => ".shoal-metrics",
+        })
     }
 
     /// The spawner's incident log.

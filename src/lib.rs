@@ -56,6 +56,7 @@ pub mod envelope;
 pub mod journal;
 pub mod layout;
 pub mod liveness;
+pub mod obs;
 pub mod root;
 pub mod store;
 pub mod sys;

@@ -85,6 +85,9 @@ enum Command {
     /// The spawner's guardian process (started by `shoal spawn`, not by hand).
     #[command(hide = true)]
     SpawnGuard(cli::spawn::GuardArgs),
+    /// Metrics: record a value, summarize, export for Prometheus.
+    #[command(subcommand)]
+    Metrics(cli::metrics::MetricsCmd),
     /// Run a real demo: agent processes on the root, coordination rounds, throughput.
     Demo(cli::demo::DemoArgs),
     /// Benchmarks that need real processes (criterion benchmarks: `cargo bench`).
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
         Command::Ps(a) => cli::spawn::ps(&ctx, a),
         Command::Heartbeat(a) => cli::spawn::heartbeat(&ctx, a),
         Command::SpawnGuard(a) => cli::spawn::guard(a),
+        Command::Metrics(c) => cli::metrics::run(&ctx, c),
         Command::Demo(a) => cli::demo::run(&ctx, a),
         Command::Bench(c) => cli::bench::run(&ctx, c),
     };

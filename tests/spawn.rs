@@ -298,6 +298,22 @@ fn r5_crashing_agent_is_restarted_with_growing_delays_then_given_up() {
     let rows = ps(&t);
     assert_eq!(rows[0]["state"], "failed");
     assert_eq!(rows[0]["restarts"], 4);
+    // Each incident is a metric too.
+    let m: Value = serde_json::from_str(&t.ok(&["metrics", "summary", "--json"])).unwrap();
+    let get = |name: &str| {
+        m.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["metric"] == name)
+            .cloned()
+    };
+    assert_eq!(get("spawner.crash").unwrap()["count"], 5);
+    let b = get("spawner.backoff").unwrap();
+    assert_eq!(
+        (b["count"].as_u64(), b["max"].as_f64()),
+        (Some(4), Some(320.0))
+    );
+    assert_eq!(get("spawner.restart").unwrap()["count"], 4);
 }
 
 #[test]

@@ -228,6 +228,7 @@ pub struct Spawner {
     by_pid: HashMap<u32, usize>,
     queue: std::collections::VecDeque<usize>,
     incidents: IncidentLog,
+    metrics: crate::obs::metrics::Emitter,
     _lock: SpawnerLock,
     guard: Guardian,
     wake_rx: UnixStream,
@@ -320,6 +321,11 @@ impl Spawner {
             by_pid: HashMap::new(),
             queue,
             incidents,
+            metrics: crate::obs::metrics::Emitter::new(
+                &layout,
+                Some("spawner"),
+                crate::obs::metrics::MetricsOptions::default(),
+            ),
             _lock: lock,
             guard,
             wake_rx,
@@ -499,6 +505,21 @@ impl Spawner {
             i.agent = Some(s.spec.id.to_string());
             i.pid = i.pid.or(s.pid);
         }
+        // And a metric: `spawner.<kind>`, valued by what it measured (delay, headroom, idle
+        // time), else 1.
+        let (value, unit) = match (i.delay_ms, i.value) {
+            (Some(d), _) => (d as f64, "ms"),
+            (None, Some(v)) if i.kind == Kind::Throttle => (v, "percent"),
+            (None, Some(v)) => (v, "ms"),
+            (None, None) => (1.0, "count"),
+        };
+        let agent = i.agent.as_deref().unwrap_or("");
+        let _ = self.metrics.emit(
+            &format!("spawner.{}", i.kind.as_str()),
+            value,
+            unit,
+            &[("agent", agent)],
+        );
         if let Err(e) = self.incidents.record(&i) {
             tracing_warn(&format!(
                 "cannot write to {}: {e}",

@@ -5,6 +5,7 @@ pub(crate) mod bench_spawn;
 pub(crate) mod bus;
 pub(crate) mod coord;
 pub(crate) mod demo;
+pub(crate) mod metrics;
 pub(crate) mod spawn;
 pub(crate) mod verbs;
 
