@@ -729,3 +729,57 @@ fn r5_ended_agents_are_reaped_while_others_run() {
     let (status, _, _) = sp.finish(Duration::from_secs(10));
     assert_eq!(status, Some(143));
 }
+
+#[test]
+fn r5_max_wip_limits_agents_starting_at_once() {
+    let t = TestRoot::new("spawnwip");
+    // Agents that stop themselves: neither asleep nor on the bus, so each counts as starting
+    // until the ready timeout; with two at a time, they start in pairs 200 ms apart.
+    let sp = Spawn::start(
+        &t,
+        &[
+            "-n",
+            "6",
+            "--max-wip",
+            "2",
+            "--ready-timeout",
+            "200ms",
+            "--grace",
+            "100ms",
+            "--",
+            "sh",
+            "-c",
+            "kill -STOP $$",
+        ],
+        &[],
+    );
+    let rows = wait_ps(&t, Duration::from_secs(20), |r| {
+        r.len() == 6 && r.iter().all(|a| a["state"] == "running")
+    });
+    assert_eq!(rows.len(), 6);
+    let status: Value =
+        serde_json::from_str(&std::fs::read_to_string(t.root().join("spawner.json")).unwrap())
+            .unwrap();
+    let mut started: Vec<u64> = status["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["started_ms"].as_u64().unwrap())
+        .collect();
+    started.sort_unstable();
+    for pair in [(0, 2), (2, 4)] {
+        let gap = started[pair.1] - started[pair.0];
+        assert!(
+            gap >= 190,
+            "agents {pair:?} started {gap} ms apart: {started:?}"
+        );
+    }
+    sp.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, _, _) = sp.finish(Duration::from_secs(10));
+    assert_eq!(status, Some(143));
+    assert_eq!(
+        kinds(&incidents(&t), "killed").len(),
+        6,
+        "stopped processes need SIGKILL"
+    );
+}
