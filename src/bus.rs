@@ -114,6 +114,8 @@ struct Inner {
     wake: WakeMode,
     max_payload: usize,
     ids: IdGen,
+    /// What the bus records about itself (`None`: metrics off, `SHOAL_METRICS=0`).
+    counters: Option<crate::obs::counters::BusCounters>,
 }
 
 impl Bus {
@@ -122,11 +124,26 @@ impl Bus {
     /// # Errors
     /// [`OpenError::BadWakeMode`] for a bad `SHOAL_WAKE`.
     pub fn open(root: Root) -> Result<Bus, OpenError> {
+        let metrics = !matches!(
+            std::env::var("SHOAL_METRICS").as_deref(),
+            Ok("0" | "off" | "false" | "no")
+        );
+        Bus::open_with_metrics(root, metrics)
+    }
+
+    /// [`Bus::open`], with the bus's own metrics (sent, received, acknowledged, rejected,
+    /// latency, depth per agent: see [`crate::obs::counters`]) on or off, whatever
+    /// `SHOAL_METRICS` says.
+    ///
+    /// # Errors
+    /// As [`Bus::open`].
+    pub fn open_with_metrics(root: Root, metrics: bool) -> Result<Bus, OpenError> {
         let store: Box<dyn Store> = match root.config().layout {
             LayoutKind::Jsonl => Box::new(JsonlStore::new(root.layout().clone())),
             LayoutKind::Compat => Box::new(CompatStore::new(root.layout().clone())),
         };
         let wake = WakeMode::from_env().map_err(OpenError::BadWakeMode)?;
+        let counters = metrics.then(|| crate::obs::counters::BusCounters::new(root.layout()));
         Ok(Bus {
             inner: Arc::new(Inner {
                 max_payload: root.config().max_payload,
@@ -134,6 +151,7 @@ impl Bus {
                 store,
                 wake,
                 ids: IdGen::new(),
+                counters,
             }),
         })
     }
@@ -253,7 +271,16 @@ impl Bus {
             via: opts.via,
             seq: opts.seq,
         };
-        self.inner.store.append(draft)
+        let r = self.inner.store.append(draft);
+        // A forwarded message (it carries its sequence number) was counted when it was sent.
+        if let (Some(c), None) = (&self.inner.counters, opts.seq) {
+            use crate::obs::counters::{Event, reject_reason};
+            match &r {
+                Ok(_) => c.count(from, Event::Sent, 1),
+                Err(e) => c.count(from, Event::Rejected(reject_reason(e)), 1),
+            }
+        }
+        r
     }
 
     /// Send a payload given as JSON text (validated against the payload cap).
@@ -323,9 +350,17 @@ impl Bus {
         waiter: &mut Option<Waiter>,
         handle: &mut dyn FnMut(&[Envelope]) -> bool,
     ) -> Result<Vec<Envelope>, RecvError> {
-        self.wait_loop(id, opts, waiter, &mut |store, req| {
-            store.consume(id, req, handle)
-        })
+        let mut acked = false;
+        let got = self.wait_loop(id, opts, waiter, &mut |store, req| {
+            store.consume(id, req, &mut |batch: &[Envelope]| {
+                acked = handle(batch);
+                acked
+            })
+        })?;
+        if acked && let Some(c) = &self.inner.counters {
+            c.count(id, crate::obs::counters::Event::Acked, got.len() as u64);
+        }
+        Ok(got)
     }
 
     /// Fetch (receive or consume) until something comes, the deadline passes, or (without
@@ -349,7 +384,11 @@ impl Bus {
         // Every receive counts as a heartbeat (an agent waiting for work is not stalled).
         store.heartbeat(id)?;
         let deadline = match opts.wait {
-            Wait::No => return Ok(fetch(store, &req)?.messages),
+            Wait::No => {
+                let got = fetch(store, &req)?.messages;
+                self.note_received(id, &got);
+                return Ok(got);
+            }
             Wait::Forever => None,
             Wait::For(d) => Some(Instant::now() + d),
         };
@@ -373,6 +412,7 @@ impl Bus {
             };
             if !batch.messages.is_empty() {
                 w.disarm();
+                self.note_received(id, &batch.messages);
                 return Ok(batch.messages);
             }
             let now = Instant::now();
@@ -387,6 +427,9 @@ impl Bus {
                 let until = Duration::from_millis(exp.saturating_sub(now_micros() / 1000) + 1);
                 sleep = Some(sleep.map_or(until, |s| s.min(until)));
             }
+            if let Some(c) = &self.inner.counters {
+                c.publish(false); // counts reach the metrics before a long sleep
+            }
             w.wait(sleep)
                 .map_err(RecvError::at(self.inner.root.path()))?;
             store.heartbeat(id)?;
@@ -399,7 +442,34 @@ impl Bus {
     /// [`RecvError`].
     pub fn ack(&self, id: &AgentId, ids: &[String]) -> Result<AckReport, RecvError> {
         self.inner.store.heartbeat(id)?;
-        self.inner.store.ack(id, AckTarget::Ids(ids))
+        let r = self.inner.store.ack(id, AckTarget::Ids(ids))?;
+        self.note_acked(id, &r);
+        Ok(r)
+    }
+
+    fn note_acked(&self, id: &AgentId, r: &AckReport) {
+        if let Some(c) = &self.inner.counters {
+            c.count(id, crate::obs::counters::Event::Acked, r.acked as u64);
+        }
+    }
+
+    /// Count what a receive returned, with latency samples and (JSONL layout: it is read from
+    /// the shared table) the depth left.
+    fn note_received(&self, id: &AgentId, got: &[Envelope]) {
+        let Some(c) = &self.inner.counters else {
+            return;
+        };
+        if got.is_empty() {
+            return;
+        }
+        let stamps: Vec<(u64, u32)> = got
+            .iter()
+            .map(|e| (e.ts, e.delivery.unwrap_or(1)))
+            .collect();
+        let depth = (self.inner.root.config().layout == LayoutKind::Jsonl)
+            .then(|| self.inner.store.depth(id).ok().map(|d| d.msgs))
+            .flatten();
+        c.received(id, &stamps, now_micros(), depth);
     }
 
     /// Acknowledge every delivered, unacknowledged message.
@@ -408,7 +478,16 @@ impl Bus {
     /// [`RecvError`].
     pub fn ack_all(&self, id: &AgentId) -> Result<AckReport, RecvError> {
         self.inner.store.heartbeat(id)?;
-        self.inner.store.ack(id, AckTarget::AllDelivered)
+        let r = self.inner.store.ack(id, AckTarget::AllDelivered)?;
+        self.note_acked(id, &r);
+        Ok(r)
+    }
+
+    /// Record one metric now, if the bus's metrics are on (see [`crate::obs::metrics`]).
+    pub fn record_metric(&self, metric: &str, value: f64, unit: &str, tags: &[(&str, &str)]) {
+        if let Some(c) = &self.inner.counters {
+            c.record(metric, value, unit, tags);
+        }
     }
 
     /// Say that an agent is alive and working (for an agent busy with something other than

@@ -268,3 +268,81 @@ fn r6_emit_rejects_bad_input_and_keeps_what_is_stored() {
     assert_eq!(s[0]["metric"], "ok.metric");
     std::thread::sleep(Duration::from_millis(1));
 }
+
+fn summary_of(t: &TestRoot) -> BTreeMap<String, Value> {
+    let s: Value = serde_json::from_str(&t.ok(&["metrics", "summary", "--json"])).unwrap();
+    s.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["metric"].as_str().unwrap().to_owned(), m.clone()))
+        .collect()
+}
+
+#[test]
+fn r6_the_bus_records_its_own_traffic_with_no_user_code() {
+    let t = TestRoot::new("metricsauto");
+    t.ok(&["init", "a", "b"]);
+    for i in 0..5 {
+        t.ok(&["send", "a", "b", "job", &format!("{{\"i\":{i}}}")]);
+    }
+    assert_eq!(code(&t.run(&["send", "a", "nobody", "job", "{}"])), 1);
+    t.ok(&["recv", "b", "--max", "10"]);
+    t.ok(&["ack", "b", "--all"]);
+    let m = summary_of(&t);
+    let sum = |k: &str| m.get(k).map_or(0.0, |v| v["sum"].as_f64().unwrap());
+    assert_eq!(sum("bus.sent"), 5.0);
+    assert_eq!(sum("bus.rejected"), 1.0);
+    assert_eq!(sum("bus.received"), 5.0);
+    assert_eq!(sum("bus.acked"), 5.0);
+    assert_eq!(
+        m["bus.latency"]["count"], 5,
+        "one latency sample per message"
+    );
+    assert_eq!(m["bus.latency"]["unit"], "ms");
+    assert_eq!(
+        m["coordination.queue_depth"]["max"], 5.0,
+        "depth seen by the receiver"
+    );
+    // Tagged per agent, and the rejection with its reason.
+    let by: Value = serde_json::from_str(&t.ok(&[
+        "metrics",
+        "summary",
+        "--json",
+        "--metric",
+        "bus.rejected",
+        "--by",
+        "reason",
+    ]))
+    .unwrap();
+    assert_eq!(by[0]["by"]["unknown_recipient"]["count"], 1);
+
+    // Off: nothing recorded.
+    let t2 = TestRoot::new("metricsoff");
+    let off = |args: &[&str]| {
+        let o = t2.cmd(args).env("SHOAL_METRICS", "0").output().unwrap();
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    };
+    off(&["init", "a", "b"]);
+    off(&["send", "a", "b", "job", "{}"]);
+    off(&["recv", "b"]);
+    assert!(!t2.root().join("metrics").exists());
+}
+
+#[test]
+fn r6_a_coordination_round_is_recorded() {
+    let t = TestRoot::new("metricsround");
+    t.ok(&["init", "coord", "w1", "w2"]);
+    // Nobody answers: the round times out with both workers missing.
+    let o = t.run(&["gather", "coord", "ping", "{}", "--timeout", "200ms"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let m = summary_of(&t);
+    assert_eq!(m["coordination.time"]["count"], 1);
+    assert!(m["coordination.time"]["max"].as_f64().unwrap() >= 200.0);
+    assert_eq!(m["coordination.delivery_rate"]["max"], 0.0);
+    assert_eq!(
+        m["coordination.delivery_rate"]["violations"], 1,
+        "below 90 %"
+    );
+    assert_eq!(m["coordination.error_rate"]["max"], 100.0);
+    assert_eq!(m["coordination.agents"]["max"], 2.0);
+}

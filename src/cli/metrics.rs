@@ -129,8 +129,8 @@ fn summary_cmd(ctx: &Ctx, a: SummaryArgs) -> anyhow::Result<Exit> {
         .max(6);
     writeln!(
         out,
-        "{:w$}  {:>8}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  VIOLATIONS",
-        "METRIC", "COUNT", "AVG", "MIN", "MAX", "P50", "P95", "P99", "UNIT"
+        "{:w$}  {:>8}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}  VIOLATIONS",
+        "METRIC", "COUNT", "SUM", "AVG", "MIN", "MAX", "P50", "P95", "P99", "UNIT"
     )?;
     for m in &s.metrics {
         let st = &m.stats;
@@ -140,9 +140,10 @@ fn summary_cmd(ctx: &Ctx, a: SummaryArgs) -> anyhow::Result<Exit> {
         };
         writeln!(
             out,
-            "{:w$}  {:>8}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {viol}",
+            "{:w$}  {:>8}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}  {viol}",
             m.metric,
             st.count,
+            num(st.sum),
             num(st.avg),
             num(st.min),
             num(st.max),
@@ -154,9 +155,10 @@ fn summary_cmd(ctx: &Ctx, a: SummaryArgs) -> anyhow::Result<Exit> {
         for (k, b) in &m.by {
             writeln!(
                 out,
-                "{:w$}  {:>8}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+                "{:w$}  {:>8}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
                 format!("  {}", if k.is_empty() { "(none)" } else { k }),
                 b.count,
+                num(b.sum),
                 num(b.avg),
                 num(b.min),
                 num(b.max),

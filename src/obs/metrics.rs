@@ -66,6 +66,9 @@ pub struct MetricsOptions {
     pub rotate_bytes: u64,
     /// Remove rotated files older than this.
     pub retention: Duration,
+    /// Run a background thread that flushes records older than the interval (off for an owner
+    /// that flushes by itself).
+    pub flusher: bool,
 }
 
 impl Default for MetricsOptions {
@@ -76,6 +79,7 @@ impl Default for MetricsOptions {
             flush_interval: Duration::from_millis(500),
             rotate_bytes: 8 << 20,
             retention: Duration::from_secs(48 * 3600),
+            flusher: true,
         }
     }
 }
@@ -143,7 +147,9 @@ impl Emitter {
             opts,
             pending: Mutex::new(Pending::default()),
         });
-        start_flusher(Arc::downgrade(&inner), opts.flush_interval);
+        if opts.flusher {
+            start_flusher(Arc::downgrade(&inner), opts.flush_interval);
+        }
         Emitter { inner }
     }
 

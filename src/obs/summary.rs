@@ -29,6 +29,8 @@ pub struct Query {
 pub struct Stats {
     /// Values.
     pub count: u64,
+    /// Their sum (for counters: the total).
+    pub sum: f64,
     /// Mean.
     pub avg: f64,
     /// Smallest.
@@ -52,9 +54,11 @@ impl Stats {
         values.sort_unstable_by(f64::total_cmp);
         let n = values.len();
         let rank = |p: f64| values[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
+        let sum: f64 = values.iter().sum();
         Some(Stats {
             count: n as u64,
-            avg: values.iter().sum::<f64>() / n as f64,
+            sum,
+            avg: sum / n as f64,
             min: values[0],
             max: values[n - 1],
             p50: rank(50.0),
@@ -224,15 +228,42 @@ fn read_file(path: &Path, q: &Query) -> io::Result<(HashMap<String, Acc>, u64, u
     // Only complete lines: the tail of a record being written has no newline yet.
     let end = memchr::memrchr(b'\n', &data).map_or(0, |i| i + 1);
     let since = q.since_ms.map(crate::sys::iso8601_utc);
-    let mut out: HashMap<String, Acc> = HashMap::new();
+    // Per metric while reading: values, and the newest record's timestamp and unit, borrowed
+    // from the file's bytes (no allocation per record).
+    struct Local<'a> {
+        values: Vec<f64>,
+        last_ts: &'a str,
+        unit: std::borrow::Cow<'a, str>,
+        by: HashMap<String, Vec<f64>>,
+    }
+    let mut out: HashMap<std::borrow::Cow<'_, str>, Local<'_>> = HashMap::new();
     let (mut records, mut corrupt) = (0u64, 0u64);
     for line in data[..end].split(|&b| b == b'\n') {
         if line.is_empty() {
             continue;
         }
-        let Ok(r) = serde_json::from_slice::<Rec<'_>>(line) else {
-            corrupt += 1;
-            continue;
+        // Records shoal wrote parse on a fast path; anything else (metrics.sh's records, escaped
+        // strings, a tag breakdown) through serde_json.
+        let fast = if q.by.is_none() {
+            fast_record(line)
+        } else {
+            None
+        };
+        let r = match fast {
+            Some(r) => r,
+            None => match serde_json::from_slice::<Rec<'_>>(line) {
+                Ok(r) => Fast {
+                    timestamp: r.timestamp,
+                    metric: r.metric,
+                    value: r.value,
+                    unit: r.unit.unwrap_or_default(),
+                    tags: r.tags,
+                },
+                Err(_) => {
+                    corrupt += 1;
+                    continue;
+                }
+            },
         };
         // ISO-8601 UTC with a fixed width compares as text.
         if since.as_deref().is_some_and(|s| r.timestamp < s) {
@@ -248,12 +279,17 @@ fn read_file(path: &Path, q: &Query) -> io::Result<(HashMap<String, Acc>, u64, u
         records += 1;
         let acc = match out.get_mut(r.metric.as_ref()) {
             Some(a) => a,
-            None => out.entry(r.metric.clone().into_owned()).or_default(),
+            None => out.entry(r.metric.clone()).or_insert_with(|| Local {
+                values: Vec::new(),
+                last_ts: "",
+                unit: Default::default(),
+                by: HashMap::new(),
+            }),
         };
         acc.values.push(r.value);
-        if r.timestamp >= acc.last_ts.as_str() {
-            acc.last_ts = r.timestamp.to_owned();
-            acc.unit = r.unit.as_deref().unwrap_or("").to_owned();
+        if r.timestamp >= acc.last_ts {
+            acc.last_ts = r.timestamp;
+            acc.unit = r.unit;
         }
         if let Some(tag) = &q.by {
             let v = r
@@ -270,7 +306,67 @@ fn read_file(path: &Path, q: &Query) -> io::Result<(HashMap<String, Acc>, u64, u
             acc.by.entry(v).or_default().push(r.value);
         }
     }
+    let out = out
+        .into_iter()
+        .map(|(k, l)| {
+            (
+                k.into_owned(),
+                Acc {
+                    values: l.values,
+                    unit: l.unit.into_owned(),
+                    last_ts: l.last_ts.to_owned(),
+                    by: l.by,
+                },
+            )
+        })
+        .collect();
     Ok((out, records, corrupt))
+}
+
+/// The fields the analyzer needs from one record.
+struct Fast<'a> {
+    timestamp: &'a str,
+    metric: std::borrow::Cow<'a, str>,
+    value: f64,
+    unit: std::borrow::Cow<'a, str>,
+    tags: Option<&'a RawValue>,
+}
+
+/// A record exactly as [`crate::obs::metrics::Emitter`] writes it, with no escapes in the
+/// metric name and unit: `{"timestamp":"<24>","metric":"..","value":N,"unit":"..",...}`.
+/// `None` for anything else (it then goes through serde_json).
+fn fast_record(line: &[u8]) -> Option<Fast<'_>> {
+    const TS: &[u8] = b"{\"timestamp\":\"";
+    const METRIC: &[u8] = b"\",\"metric\":\"";
+    const VALUE: &[u8] = b"\",\"value\":";
+    const UNIT: &[u8] = b",\"unit\":\"";
+    if line.last() != Some(&b'}') || !line.starts_with(TS) {
+        return None;
+    }
+    let rest = &line[TS.len()..];
+    let ts = rest.get(..24)?;
+    let rest = rest.get(24..)?.strip_prefix(METRIC)?;
+    let q = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[q] != b'"' {
+        return None;
+    }
+    let metric = &rest[..q];
+    let rest = rest[q..].strip_prefix(VALUE)?;
+    let c = memchr::memchr(b',', rest)?;
+    let value: f64 = std::str::from_utf8(&rest[..c]).ok()?.parse().ok()?;
+    let rest = rest[c..].strip_prefix(UNIT)?;
+    let q = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[q] != b'"' {
+        return None;
+    }
+    let unit = &rest[..q];
+    Some(Fast {
+        timestamp: std::str::from_utf8(ts).ok()?,
+        metric: std::borrow::Cow::Borrowed(std::str::from_utf8(metric).ok()?),
+        value,
+        unit: std::borrow::Cow::Borrowed(std::str::from_utf8(unit).ok()?),
+        tags: None,
+    })
 }
 
 /// Alert thresholds, as the bash alerting.sh had them (its environment variables honoured).
