@@ -72,9 +72,16 @@ pub struct MetricsOptions {
 }
 
 impl Default for MetricsOptions {
+    /// 16 shards (`SHOAL_METRICS_SHARDS`, 1-256, overrides), flushes at 64 KiB or 500 ms,
+    /// rotation at 8 MiB, retention 48 h.
     fn default() -> MetricsOptions {
+        let shards = std::env::var("SHOAL_METRICS_SHARDS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|n| (1..=256).contains(n))
+            .unwrap_or(DEFAULT_SHARDS);
         MetricsOptions {
-            shards: DEFAULT_SHARDS,
+            shards,
             flush_bytes: 64 << 10,
             flush_interval: Duration::from_millis(500),
             rotate_bytes: 8 << 20,
@@ -450,6 +457,31 @@ mod tests {
         assert_eq!(lines[0]["agent"], "a1");
         assert_eq!(lines[1]["value"], 0.25);
         assert_eq!(lines[1]["v"], 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn prune_removes_old_rotated_files_only() {
+        let d = crate::journal::tests::shm_dir("metrics-prune");
+        let touch = |name: &str, age_h: u64| {
+            let f = std::fs::File::create(d.join(name)).unwrap();
+            let t = std::time::SystemTime::now() - Duration::from_secs(age_h * 3600);
+            f.set_modified(t).unwrap();
+        };
+        touch("shard-00.jsonl", 100); // active: never pruned, however old
+        touch("shard-00.1-2-0.jsonl", 49);
+        touch("shard-01.1-2-0.jsonl", 47);
+        touch("notes.txt", 100);
+        assert_eq!(prune(&d, Duration::from_secs(48 * 3600)), 1);
+        let mut left: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["notes.txt", "shard-00.jsonl", "shard-01.1-2-0.jsonl"]
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
