@@ -95,7 +95,7 @@ pub enum SpawnError {
     #[error("another `shoal spawn` is running on this root (it holds {0})")]
     Busy(PathBuf),
     /// The agents' command cannot be run at all (not found, not executable).
-    #[error("cannot run {program:?}: {source}")]
+    #[error("cannot run {program:?}")]
     Command {
         /// The program.
         program: OsString,
@@ -103,7 +103,7 @@ pub enum SpawnError {
         source: io::Error,
     },
     /// Something around the spawner's own files or processes failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -225,6 +225,9 @@ pub struct Spawner {
     bus: Bus,
     opts: SpawnOptions,
     slots: Vec<Slot>,
+    /// Each agent's meta table, mapped without keeping a descriptor: watching N agents must not
+    /// cost N descriptors (running out of them is what the spawn backoff is for).
+    probes: Vec<Option<crate::store::Probe>>,
     by_pid: HashMap<u32, usize>,
     queue: std::collections::VecDeque<usize>,
     incidents: IncidentLog,
@@ -317,6 +320,7 @@ impl Spawner {
         queue.extend((0..slots.len()).filter(|&i| slots[i].spec.runs_hub.is_none()));
         let mut sp = Spawner {
             bus,
+            probes: slots.iter().map(|_| None).collect(),
             slots,
             by_pid: HashMap::new(),
             queue,
@@ -643,17 +647,18 @@ impl Spawner {
     /// up, whatever the program), or their ready timeout passed.
     fn check_ready(&mut self) {
         let now = Instant::now();
-        let store = self.bus.store();
         let look_at_proc = now >= self.next_proc_check;
         if look_at_proc {
             self.next_proc_check = now + PROC_CHECK;
         }
         let mut changed = false;
-        for s in self.slots.iter_mut().filter(|s| s.state == State::Starting) {
-            let active = store
-                .activity(&s.spec.id)
-                .ok()
-                .and_then(|a| a.last_ms)
+        let layout = self.bus.root().layout();
+        for (s, probe) in self.slots.iter_mut().zip(self.probes.iter_mut()) {
+            if s.state != State::Starting {
+                continue;
+            }
+            let active = probe_of(probe, layout, &s.spec.id)
+                .and_then(|p| p.activity().last_ms)
                 .is_some_and(|t| t >= s.started_ms);
             let asleep = || look_at_proc && s.pid.is_some_and(is_sleeping);
             if active || now.duration_since(s.started_at) >= self.opts.ready_timeout || asleep() {
@@ -919,14 +924,31 @@ impl Spawner {
         self.next_stall_check =
             now + (after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let store = self.bus.store();
+        let layout = self.bus.root().layout();
+        let exact_counts = layout.kind() == crate::LayoutKind::Jsonl;
         let t = now_ms();
         let mut events = Vec::new();
-        for (i, s) in self.slots.iter_mut().enumerate() {
+        for (i, (s, probe)) in self
+            .slots
+            .iter_mut()
+            .zip(self.probes.iter_mut())
+            .enumerate()
+        {
             if s.state != State::Running || s.spec.runs_hub.is_some() {
                 continue;
             }
-            let (Ok(act), Ok(depth)) = (store.activity(&s.spec.id), store.depth(&s.spec.id)) else {
+            let Some(p) = probe_of(probe, layout, &s.spec.id) else {
                 continue;
+            };
+            let act = p.activity();
+            // The compat layout's counters overcount files scripts removed: count the files.
+            let depth = if exact_counts {
+                p.pending()
+            } else {
+                match store.depth(&s.spec.id) {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                }
             };
             let stalled = act.stalled(&depth, t, after);
             if stalled != s.stalled {
@@ -1086,6 +1108,18 @@ impl Drop for Spawner {
             self.write_status(true);
         }
     }
+}
+
+/// The probe of an agent, mapped on first use.
+fn probe_of<'a>(
+    slot: &'a mut Option<crate::store::Probe>,
+    layout: &crate::layout::Layout,
+    id: &AgentId,
+) -> Option<&'a crate::store::Probe> {
+    if slot.is_none() {
+        *slot = crate::store::Probe::open(layout, id).ok().flatten();
+    }
+    slot.as_ref()
 }
 
 /// Whether process `pid` is asleep (blocked in a wait of some kind), from /proc/<pid>/stat.

@@ -185,6 +185,12 @@ impl Meta {
         }))
     }
 
+    /// The mapping alone, for reading activity and pending counts: holds no descriptor (a
+    /// supervisor watching a thousand agents must not need a thousand).
+    pub(crate) fn words(&self) -> (Arc<SharedWords>, usize) {
+        (Arc::clone(&self.words), self.shards)
+    }
+
     pub(crate) fn shards(&self) -> usize {
         self.shards
     }
@@ -251,11 +257,7 @@ impl Meta {
     /// (last activity, waiting since, receivers asleep on the doorbell); times in ms since the
     /// epoch, 0 for never.
     pub(crate) fn activity(&self) -> (u64, u64, u32) {
-        (
-            self.words.u64_at(ACTIVITY_OFF).load(Ordering::Relaxed),
-            self.words.u64_at(WAITING_SINCE_OFF).load(Ordering::Relaxed),
-            self.words.u32_at(WAITERS_OFF).load(Ordering::Relaxed),
-        )
+        activity_of(&self.words)
     }
 
     pub(crate) fn doorbell(&self) -> Doorbell {
@@ -264,13 +266,7 @@ impl Meta {
 
     /// Unconsumed messages and bytes across all shards, from the mirrors.
     pub(crate) fn pending(&self) -> (u64, u64) {
-        let (mut msgs, mut bytes) = (0u64, 0u64);
-        for s in 0..self.shards {
-            let ld = |f| self.shard(s, f).load(Ordering::Acquire);
-            msgs += ld(ShardField::Msgs).saturating_sub(ld(ShardField::AckedMsgs));
-            bytes += ld(ShardField::Len).saturating_sub(ld(ShardField::AckedBytes));
-        }
-        (msgs, bytes)
+        pending_of(&self.words, self.shards)
     }
 
     /// The last sequence number of slot `i`.
@@ -328,6 +324,30 @@ impl Meta {
             (0..9).all(|w| self.words.u64_at(base + w * 8).load(Ordering::Acquire) == key[w])
         })
     }
+}
+
+/// (last activity, waiting since, doorbell sleepers) of a mapped table.
+pub(crate) fn activity_of(words: &SharedWords) -> (u64, u64, u32) {
+    (
+        words.u64_at(ACTIVITY_OFF).load(Ordering::Relaxed),
+        words.u64_at(WAITING_SINCE_OFF).load(Ordering::Relaxed),
+        words.u32_at(WAITERS_OFF).load(Ordering::Relaxed),
+    )
+}
+
+/// Unconsumed (messages, bytes) of a mapped table with `shards` shards, from the mirrors.
+pub(crate) fn pending_of(words: &SharedWords, shards: usize) -> (u64, u64) {
+    let (mut msgs, mut bytes) = (0u64, 0u64);
+    for s in 0..shards {
+        let ld = |f: ShardField| {
+            words
+                .u64_at(SHARD_BASE + s * SHARD_STRIDE + f as usize)
+                .load(Ordering::Acquire)
+        };
+        msgs += ld(ShardField::Msgs).saturating_sub(ld(ShardField::AckedMsgs));
+        bytes += ld(ShardField::Len).saturating_sub(ld(ShardField::AckedBytes));
+    }
+    (msgs, bytes)
 }
 
 /// A sender id as the slot stores it: its length, then its bytes zero-padded to 64.

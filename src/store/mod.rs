@@ -389,6 +389,39 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn activity(&self, id: &AgentId) -> Result<Activity, RecvError>;
 }
 
+/// A supervisor's view of one agent's meta table: its activity and pending messages, read from
+/// a shared mapping that holds no file descriptor once opened. Either layout.
+#[derive(Debug)]
+pub struct Probe {
+    words: std::sync::Arc<crate::sys::shared::SharedWords>,
+    shards: usize,
+}
+
+impl Probe {
+    /// Map agent `id`'s meta table; `None` if there is no such agent.
+    ///
+    /// # Errors
+    /// The meta file cannot be opened or is not one.
+    pub fn open(layout: &crate::layout::Layout, id: &AgentId) -> io::Result<Option<Probe>> {
+        Ok(meta::Meta::open(&layout.meta(id))?.map(|m| {
+            let (words, shards) = m.words();
+            Probe { words, shards }
+        }))
+    }
+
+    /// As [`Store::activity`].
+    pub fn activity(&self) -> Activity {
+        Activity::from_words(meta::activity_of(&self.words))
+    }
+
+    /// Messages stored and not acknowledged, from the table's counters (exact for the JSONL
+    /// layout; in the compat layout files a script removed itself are still counted).
+    pub fn pending(&self) -> Depth {
+        let (msgs, bytes) = meta::pending_of(&self.words, self.shards);
+        Depth { msgs, bytes }
+    }
+}
+
 /// An agent's recent activity, from its meta table (see [`Store::activity`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Activity {
@@ -402,7 +435,10 @@ pub struct Activity {
 
 impl Activity {
     pub(crate) fn from_meta(m: &meta::Meta) -> Activity {
-        let (last, since, sleepers) = m.activity();
+        Activity::from_words(m.activity())
+    }
+
+    fn from_words((last, since, sleepers): (u64, u64, u32)) -> Activity {
         Activity {
             last_ms: (last != 0).then_some(last),
             waiting_since_ms: (since != 0).then_some(since),
