@@ -6,29 +6,14 @@
 //!
 //! `cargo bench --bench metrics` (`-- --quick` for a short run).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use shoal::obs::metrics::{Emitter, MetricsOptions};
 use shoal::obs::summary::{Query, Thresholds, summarize};
 use shoal::{AgentId, Bus, Payload, RecvOptions, Root};
 
-struct ShmDir(PathBuf);
-
-impl ShmDir {
-    fn new(tag: &str) -> ShmDir {
-        let p = PathBuf::from(format!("/dev/shm/shoal-bench-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        ShmDir(p)
-    }
-}
-
-impl Drop for ShmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::ShmDir;
 
 struct Pair {
     bus: Bus,

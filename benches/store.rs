@@ -11,30 +11,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use shoal::store::{AckTarget, RecvRequest};
 use shoal::{AgentId, Bus, Payload};
 
-/// A fresh directory on tmpfs, removed on drop.
-struct ShmDir(PathBuf);
-
-impl ShmDir {
-    fn new(tag: &str) -> ShmDir {
-        let p = PathBuf::from(format!("/dev/shm/shoal-bench-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        ShmDir(p)
-    }
-}
-
-impl Drop for ShmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::ShmDir;
 
 const RECORD: usize = 200;
 

@@ -417,8 +417,8 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
-/// A number as JSON: integers without a fraction.
-fn fmt_value(v: f64) -> String {
+/// A number as JSON (and as Prometheus text): integers without a fraction.
+pub(crate) fn fmt_value(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 9e15 {
         format!("{}", v as i64)
     } else {

@@ -516,7 +516,7 @@ pub fn prometheus(dir: &Path) -> io::Result<String> {
         for (labels, (_, v)) in by {
             out.push_str(&name);
             out.push_str(&render_labels(labels));
-            out.push_str(&format!(" {}\n", prom_value(*v)));
+            out.push_str(&format!(" {}\n", crate::obs::metrics::fmt_value(*v)));
         }
     }
     out.push_str("# HELP shoal_metric_records_total metric records read, per metric\n");
@@ -565,14 +565,6 @@ fn render_labels(labels: &[(String, String)]) -> String {
         })
         .collect();
     format!("{{{}}}", body.join(","))
-}
-
-fn prom_value(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 9e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
-    }
 }
 
 #[cfg(test)]
