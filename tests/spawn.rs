@@ -783,3 +783,65 @@ fn r5_max_wip_limits_agents_starting_at_once() {
         "stopped processes need SIGKILL"
     );
 }
+
+#[test]
+fn r5_failed_starts_back_off_and_every_agent_still_starts() {
+    if !common::is_root() {
+        eprintln!("skipped: needs root to run the spawner as another user with a process limit");
+        return;
+    }
+    // As `nobody`, with at most 12 processes: starts fail with EAGAIN until earlier agents
+    // exit; each failure is an incident and a backoff, and in the end all 30 have run.
+    let t = TestRoot::new("spawnagain");
+    let dir = t.dir().join("nobody");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (uid, gid) = (65534, 65534);
+    std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+    let root = dir.join("root");
+    let script = format!(
+        "ulimit -u 12 && exec {} --root {} spawn -n 30 --json -- sleep 0.3",
+        bin(),
+        root.display()
+    );
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "bash",
+            "-c",
+            &script,
+        ])
+        .env("AF_BACKOFF_MIN_MS", "20")
+        .env("AF_BACKOFF_MAX_MS", "200")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let summary: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(summary["exited"], 30);
+    assert_eq!(summary["exit_codes"]["0"], 30);
+    let text = std::fs::read_to_string(root.join("incidents.jsonl")).unwrap();
+    let inc: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let failed = kinds(&inc, "spawn_failed");
+    assert!(
+        !failed.is_empty(),
+        "no start failed under a 12-process limit"
+    );
+    assert!(
+        failed[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Resource temporarily unavailable"),
+        "{failed:?}"
+    );
+    assert!(
+        kinds(&inc, "backoff")
+            .iter()
+            .all(|b| b["delay_ms"].as_u64().unwrap() <= 200)
+    );
+}
