@@ -107,6 +107,13 @@ fn wait_ps(t: &TestRoot, limit: Duration, pred: impl Fn(&[Value]) -> bool) -> Ve
     }
 }
 
+/// Wait until `n` agents are listed, all running.
+fn wait_all_running(t: &TestRoot, n: usize, limit: Duration) -> Vec<Value> {
+    wait_ps(t, limit, |r| {
+        r.len() == n && r.iter().all(|a| a["state"] == "running")
+    })
+}
+
 fn incidents(t: &TestRoot) -> Vec<Value> {
     let text = std::fs::read_to_string(t.root().join("incidents.jsonl")).unwrap_or_default();
     text.lines()
@@ -175,9 +182,7 @@ fn r5_500_agents_start_and_are_all_alive() {
         ],
         &[],
     );
-    let rows = wait_ps(&t, Duration::from_secs(60), |r| {
-        r.len() == 500 && r.iter().all(|a| a["state"] == "running")
-    });
+    let rows = wait_all_running(&t, 500, Duration::from_secs(60));
     // Alive by their locks, each with its own process.
     let pids: std::collections::BTreeSet<u64> =
         rows.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
@@ -230,9 +235,7 @@ fn r5_spawner_killed_outright_leaves_no_agent_process() {
         ],
         &[],
     );
-    wait_ps(&t, Duration::from_secs(30), |r| {
-        r.len() == 44 && r.iter().all(|a| a["state"] == "running")
-    });
+    wait_all_running(&t, 44, Duration::from_secs(30));
     // 40 agents, 40 sleeps, 4 hubs.
     assert_eq!(processes_of(&t.root()).len(), 84);
     sp.signal(nix::sys::signal::Signal::SIGKILL);
@@ -373,9 +376,7 @@ fn r5_stalled_agent_is_detected_and_a_heartbeat_clears_it() {
         ],
         &[],
     );
-    wait_ps(&t, Duration::from_secs(10), |r| {
-        r.len() == 1 && r[0]["state"] == "running"
-    });
+    wait_all_running(&t, 1, Duration::from_secs(10));
     t.ok(&["init", "tester"]);
     // Idle with an empty inbox: not stalled, however long.
     std::thread::sleep(Duration::from_millis(600));
@@ -440,9 +441,7 @@ fn r5_broadcast_wakes_300_waiting_agents() {
         ],
         &[],
     );
-    wait_ps(&t, Duration::from_secs(60), |r| {
-        r.len() == 300 && r.iter().all(|a| a["state"] == "running")
-    });
+    wait_all_running(&t, 300, Duration::from_secs(60));
     t.ok(&["init", "coordinator"]);
     t.ok(&["broadcast", "coordinator", "wake", r#"{"go":true}"#]);
     // Every agent wakes, prints the message and exits 0; then the spawner ends by itself.
@@ -477,9 +476,7 @@ fn r5_stop_sends_term_then_kill_after_the_grace_period() {
         ],
         &[],
     );
-    wait_ps(&t, Duration::from_secs(10), |r| {
-        r.len() == 2 && r.iter().all(|a| a["state"] == "running")
-    });
+    wait_all_running(&t, 2, Duration::from_secs(10));
     let t0 = Instant::now();
     sp.signal(nix::sys::signal::Signal::SIGTERM);
     let (status, _, _) = sp.finish(Duration::from_secs(10));
@@ -526,9 +523,7 @@ fn r5_a_second_spawner_on_the_same_root_is_refused() {
         &["-n", "1", "--ready-timeout", "100ms", "--", "sleep", "60"],
         &[],
     );
-    wait_ps(&t, Duration::from_secs(10), |r| {
-        r.len() == 1 && r[0]["state"] == "running"
-    });
+    wait_all_running(&t, 1, Duration::from_secs(10));
     let o = t.run(&["spawn", "-n", "1", "--", "true"]);
     assert_eq!(code(&o), 1);
     assert!(
@@ -753,9 +748,7 @@ fn r5_max_wip_limits_agents_starting_at_once() {
         ],
         &[],
     );
-    let rows = wait_ps(&t, Duration::from_secs(20), |r| {
-        r.len() == 6 && r.iter().all(|a| a["state"] == "running")
-    });
+    let rows = wait_all_running(&t, 6, Duration::from_secs(20));
     assert_eq!(rows.len(), 6);
     let status: Value =
         serde_json::from_str(&std::fs::read_to_string(t.root().join("spawner.json")).unwrap())
