@@ -838,3 +838,17 @@ fn r5_failed_starts_back_off_and_every_agent_still_starts() {
             .all(|b| b["delay_ms"].as_u64().unwrap() <= 200)
     );
 }
+
+#[test]
+fn r5_spawner_killed_while_starting_agents_leaves_nothing() {
+    // Killed mid-start, some agents exist that the guardian has not been told about yet, and
+    // some have not yet asked to die with the spawner: neither may survive it.
+    for delay_ms in [30, 80, 150, 250] {
+        let t = TestRoot::new("spawnkillstart");
+        let sp = Spawn::start(&t, &["-n", "300", "--", bin(), "recv", "--wait"], &[]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        sp.signal(nix::sys::signal::Signal::SIGKILL);
+        let (status, _, _) = sp.finish(Duration::from_secs(15));
+        assert_eq!(status, None, "killed by a signal");
+    }
+}

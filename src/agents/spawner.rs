@@ -1173,6 +1173,8 @@ impl Guardian {
             .arg("spawn-guard")
             .arg("--grace-ms")
             .arg(self.grace.as_millis().to_string())
+            .arg("--spawner-pid")
+            .arg(std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .process_group(0) // not in the terminal's group: Ctrl-C is the spawner's to handle
@@ -1238,11 +1240,14 @@ impl Drop for Guardian {
 }
 
 /// The guardian's side (`shoal spawn-guard`): read `+pgid` / `-pgid` lines until the pipe
-/// closes, then end what is still listed: SIGTERM, and SIGKILL after `grace`.
+/// closes, then end what is still listed, and every process whose environment names
+/// `spawner` as its `SHOAL_SPAWNER_PID` (an agent started a moment before the spawner died,
+/// not yet announced on the pipe; an agent's child that left its group): SIGTERM, and SIGKILL
+/// after `grace`. Returns how many groups and processes it had to end.
 ///
 /// # Errors
 /// Reading the pipe failed.
-pub fn guard(input: impl Read, grace: Duration) -> io::Result<usize> {
+pub fn guard(input: impl Read, grace: Duration, spawner: Option<u32>) -> io::Result<usize> {
     use std::io::BufRead;
     // The spawner's death is what this process is for: ignore the terminal's signals.
     for sig in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
@@ -1267,20 +1272,41 @@ pub fn guard(input: impl Read, grace: Duration) -> io::Result<usize> {
             }
         }
     }
-    let alive = |g: &i32| kill(Pid::from_raw(-g), None).is_ok();
-    groups.retain(alive);
-    let n = groups.len();
-    for &g in &groups {
-        let _ = killpg(Pid::from_raw(g), Signal::SIGTERM);
+    // Negative: a process group; positive: one process.
+    let mut targets: Vec<i32> = groups.iter().map(|g| -g).collect();
+    if let Some(sp) = spawner {
+        targets.extend(children_of_spawner(sp).into_iter().map(|p| p as i32));
+    }
+    let alive = |t: &i32| kill(Pid::from_raw(*t), None).is_ok();
+    targets.retain(alive);
+    let n = targets.len();
+    for &t in &targets {
+        let _ = kill(Pid::from_raw(t), Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && groups.iter().any(alive) {
+    while Instant::now() < deadline && targets.iter().any(alive) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    for &g in &groups {
-        let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+    for &t in &targets {
+        let _ = kill(Pid::from_raw(t), Signal::SIGKILL);
     }
     Ok(n)
+}
+
+/// Processes whose environment has `SHOAL_SPAWNER_PID=<spawner>` (not zombies).
+fn children_of_spawner(spawner: u32) -> Vec<u32> {
+    let needle = format!("SHOAL_SPAWNER_PID={spawner}\0");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| memchr::memmem::find(&env, needle.as_bytes()).is_some())
+        })
+        .collect()
 }
 
 #[cfg(test)]

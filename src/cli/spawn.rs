@@ -100,6 +100,9 @@ pub(crate) struct GuardArgs {
     /// Time from SIGTERM to SIGKILL.
     #[arg(long, value_name = "MS")]
     grace_ms: u64,
+    /// The spawner: its agents are found by their SHOAL_SPAWNER_PID too.
+    #[arg(long, value_name = "PID")]
+    spawner_pid: Option<u32>,
 }
 
 /// The signal that asked us to stop (0: none).
@@ -488,6 +491,10 @@ pub(crate) fn heartbeat(ctx: &Ctx, a: HeartbeatArgs) -> anyhow::Result<Exit> {
 }
 
 pub(crate) fn guard(a: GuardArgs) -> anyhow::Result<Exit> {
-    shoal::agents::spawner::guard(std::io::stdin().lock(), Duration::from_millis(a.grace_ms))?;
+    shoal::agents::spawner::guard(
+        std::io::stdin().lock(),
+        Duration::from_millis(a.grace_ms),
+        a.spawner_pid,
+    )?;
     Ok(Exit::Ok)
 }

@@ -226,10 +226,17 @@ pub fn die_with_spawner() {
     else {
         return;
     };
-    // SAFETY: getppid and prctl have no memory-safety preconditions.
+    // SAFETY: getppid, kill(pid, 0) and prctl have no memory-safety preconditions.
     unsafe {
         if libc::getppid() != spawner {
-            return; // started by an agent, not by the spawner
+            // Started by an agent (its guardian covers it), or orphaned: the spawner died
+            // between starting us and now. Then we must not run on.
+            if libc::kill(spawner, 0) != 0
+                && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+            {
+                libc::_exit(1);
+            }
+            return;
         }
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         if libc::getppid() != spawner {
