@@ -114,10 +114,17 @@ fn wait_all_running(t: &TestRoot, n: usize, limit: Duration) -> Vec<Value> {
     })
 }
 
+/// The incident log through the library's reader, as JSON values; no line may be unreadable.
 fn incidents(t: &TestRoot) -> Vec<Value> {
-    let text = std::fs::read_to_string(t.root().join("incidents.jsonl")).unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    incidents_at(&t.root())
+}
+
+fn incidents_at(root: &Path) -> Vec<Value> {
+    let (records, bad) = shoal::agents::incidents::read(&root.join("incidents.jsonl")).unwrap();
+    assert_eq!(bad, 0, "unreadable incident lines");
+    records
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap())
         .collect()
 }
 
@@ -815,11 +822,7 @@ fn r5_failed_starts_back_off_and_every_agent_still_starts() {
     let summary: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(summary["exited"], 30);
     assert_eq!(summary["exit_codes"]["0"], 30);
-    let text = std::fs::read_to_string(root.join("incidents.jsonl")).unwrap();
-    let inc: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let inc = incidents_at(&root);
     let failed = kinds(&inc, "spawn_failed");
     assert!(
         !failed.is_empty(),

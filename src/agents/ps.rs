@@ -53,34 +53,15 @@ pub struct AgentRow {
     pub signal: Option<i32>,
 }
 
-/// The spawner, as `shoal ps` sees it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SpawnerInfo {
-    /// Its process id.
-    pub pid: u32,
-    /// Whether it holds the root's spawner lock now.
-    pub running: bool,
-    /// Its stall threshold.
-    pub stall_after_ms: u64,
-}
-
-/// Every agent of the bus's root, sorted by id, and the spawner if one ran there. `stall_after`
-/// overrides the spawner's threshold.
+/// Every agent of the bus's root, sorted by id. `stall_after` overrides the threshold of the
+/// spawner that runs (or ran) there.
 ///
 /// # Errors
 /// The root cannot be listed, or its spawner status file cannot be read.
-pub fn list(
-    bus: &Bus,
-    stall_after: Option<Duration>,
-) -> Result<(Vec<AgentRow>, Option<SpawnerInfo>), std::io::Error> {
+pub fn list(bus: &Bus, stall_after: Option<Duration>) -> Result<Vec<AgentRow>, std::io::Error> {
     let layout = bus.root().layout();
     let st: Option<SpawnerStatus> = SpawnerStatus::load(layout)?;
     let live = status::spawner_running(layout)?;
-    let info = st.as_ref().map(|s| SpawnerInfo {
-        pid: s.pid,
-        running: live,
-        stall_after_ms: s.stall_after_ms,
-    });
     let after = stall_after
         .or_else(|| st.as_ref().map(|s| Duration::from_millis(s.stall_after_ms)))
         .unwrap_or(DEFAULT_STALL_AFTER);
@@ -151,5 +132,5 @@ pub fn list(
             signal: rec.as_ref().and_then(|r| r.signal),
         });
     }
-    Ok((rows, info))
+    Ok(rows)
 }

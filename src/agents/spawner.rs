@@ -206,8 +206,6 @@ pub struct Counts {
     pub restarts: u32,
     /// Crashes so far (hubs included).
     pub crashes: u32,
-    /// Hub processes running now.
-    pub hubs_running: usize,
 }
 
 /// Crashes after this much healthy running start the backoff again from its minimum.
@@ -1017,7 +1015,6 @@ impl Spawner {
             c.restarts += s.restarts;
             c.crashes += s.crashes;
             if s.spec.runs_hub.is_some() {
-                c.hubs_running += usize::from(s.state.has_process());
                 continue;
             }
             c.agents += 1;

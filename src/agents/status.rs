@@ -146,7 +146,7 @@ impl SpawnerLock {
     /// # Errors
     /// `WouldBlock` if another spawner holds it; the open error.
     pub fn acquire(layout: &Layout) -> io::Result<SpawnerLock> {
-        let file = open_lock(layout)?;
+        let file = open_lock(layout, true)?;
         match file.try_lock() {
             Ok(()) => Ok(SpawnerLock { _file: file }),
             Err(TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
@@ -160,7 +160,8 @@ impl SpawnerLock {
 /// # Errors
 /// The lock file cannot be opened.
 pub fn spawner_running(layout: &Layout) -> io::Result<bool> {
-    let file = match open_lock(layout) {
+    // Looking must not create the lock file: `shoal ps` changes nothing in the root.
+    let file = match open_lock(layout, false) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
@@ -172,11 +173,11 @@ pub fn spawner_running(layout: &Layout) -> io::Result<bool> {
     }
 }
 
-fn open_lock(layout: &Layout) -> io::Result<File> {
+fn open_lock(layout: &Layout, create: bool) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
+        .create(create)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(layout.spawner_lock())

@@ -450,7 +450,7 @@ impl Progress {
 
 pub(crate) fn ps(ctx: &Ctx, a: PsArgs) -> anyhow::Result<Exit> {
     let bus = ctx.bus(false)?;
-    let (rows, _spawner) = ps::list(&bus, a.stall_after)?;
+    let rows = ps::list(&bus, a.stall_after)?;
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", serde_json::to_string(&rows)?)?;
