@@ -251,19 +251,23 @@ pub(crate) fn plan(
     // Creating an inbox is a few dozen file operations: spread them over the CPUs.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = specs.len().div_ceil(threads).max(1);
+    let create = |part: &[AgentSpec]| -> anyhow::Result<()> {
+        for s in part {
+            bus.init(&s.id)
+                .with_context(|| format!("cannot create agent {}", s.id))?;
+        }
+        Ok(())
+    };
     std::thread::scope(|scope| {
-        let jobs: Vec<_> = specs
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || -> anyhow::Result<()> {
-                    for s in part {
-                        bus.init(&s.id)
-                            .with_context(|| format!("cannot create agent {}", s.id))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
+        let mut jobs = Vec::new();
+        for part in specs.chunks(chunk) {
+            // Under a tight process limit (RLIMIT_NPROC counts threads) a thread may not
+            // start: that part is done here instead.
+            match std::thread::Builder::new().spawn_scoped(scope, move || create(part)) {
+                Ok(j) => jobs.push(j),
+                Err(_) => create(part)?,
+            }
+        }
         jobs.into_iter().try_for_each(|j| {
             j.join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("inbox creation panicked")))
