@@ -39,6 +39,11 @@ pub(crate) trait SlotState: Serialize + DeserializeOwned + Sized {
     fn checked(self, meta: &Meta, path: &Path) -> Result<Self, RecvError>;
     /// Mirror what senders need to know (acknowledged counts) into the meta table.
     fn publish(&self, _meta: &Meta) {}
+    /// The state as JSON, appended to `out`; the bytes must be what `serde_json` writes for
+    /// it (a state type on a hot path writes them by hand, and proves it by a test).
+    fn encode(&self, out: &mut Vec<u8>) {
+        let _ = serde_json::to_writer(out, self); // into a Vec: cannot fail
+    }
 }
 
 /// The paths of an agent's receiver files.
@@ -222,7 +227,7 @@ impl<T: SlotState> Guard<'_, T> {
     pub(crate) fn save(&mut self, st: T) -> Result<(), RecvError> {
         let mut bytes = std::mem::take(&mut self.cache.buf);
         bytes.clear();
-        let _ = serde_json::to_writer(&mut bytes, &st); // into a Vec: cannot fail
+        st.encode(&mut bytes);
         let cur = self.meta.state_ptr().load(Ordering::Acquire);
         let slot = usize::from(cur & PTR_SLOT_BIT == 0);
         let path = &self.paths.slots[slot];
