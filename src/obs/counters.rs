@@ -8,7 +8,8 @@
 //! `count`), `bus.rejected` (tagged with `reason`), `bus.latency` (ms, at most 256 samples per
 //! interval and process), `coordination.queue_depth` (the inbox depth a receiver last saw). A
 //! thread's table is folded in every 256 operations once the interval has passed, before a
-//! receiver goes to sleep, when the thread ends, and when the last handle on the bus is dropped.
+//! receiver goes to sleep once it has passed, when the thread ends, and when the last handle
+//! on the bus is dropped.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -223,8 +224,28 @@ impl BusCounters {
         let _ = emitter.flush();
     }
 
-    /// Fold this thread's counts in and, if the interval passed (or `now`), write them out.
+    /// If the interval passed (or `now`), fold this thread's counts in and write them out.
     pub fn publish(&self, now: bool) {
+        self.publish_if(now, Instant::now());
+    }
+
+    /// [`BusCounters::publish`] if the interval passed by `now` (a clock reading the caller
+    /// has anyway: a receiver calls this before every sleep).
+    pub fn publish_at(&self, now: Instant) {
+        self.publish_if(false, now);
+    }
+
+    fn publish_if(&self, force: bool, now: Instant) {
+        let s = &self.shared;
+        {
+            // Checked first: most of the time there is nothing to do (a thread's counts stay
+            // in the thread until the interval ends).
+            let mut last = s.published.lock().unwrap_or_else(|e| e.into_inner());
+            if !force && now.saturating_duration_since(*last) < INTERVAL {
+                return;
+            }
+            *last = now;
+        }
         let _ = LOCAL.try_with(|cell| {
             if let Ok(mut c) = cell.try_borrow_mut()
                 && let Some(l) = c.as_mut().filter(|l| l.owner == self.shared.id)
@@ -232,14 +253,6 @@ impl BusCounters {
                 l.fold();
             }
         });
-        let s = &self.shared;
-        {
-            let mut last = s.published.lock().unwrap_or_else(|e| e.into_inner());
-            if !now && last.elapsed() < INTERVAL {
-                return;
-            }
-            *last = Instant::now();
-        }
         let t = std::mem::take(&mut *s.totals.lock().unwrap_or_else(|e| e.into_inner()));
         if t.counts.is_empty() && t.latency.is_empty() && t.depth.is_empty() {
             return;

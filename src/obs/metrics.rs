@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::envelope::{itoa, write_json_str};
 use crate::journal::{AppendError, Journal};
 use crate::layout::Layout;
 
@@ -176,15 +177,7 @@ impl Emitter {
         unit: &str,
         tags: &[(&str, &str)],
     ) -> Result<(), MetricError> {
-        let mut t = String::from("{");
-        for (i, (k, v)) in tags.iter().enumerate() {
-            if i > 0 {
-                t.push(',');
-            }
-            let _ = write!(t, "{}:{}", json_str(k), json_str(v));
-        }
-        t.push('}');
-        self.emit_raw(metric, value, unit, &t)
+        self.push(metric, value, unit, Tags::Pairs(tags))
     }
 
     /// As [`Emitter::emit`], with tags given as a JSON object's text (checked by the caller).
@@ -198,6 +191,18 @@ impl Emitter {
         unit: &str,
         tags_json: &str,
     ) -> Result<(), MetricError> {
+        self.push(metric, value, unit, Tags::Json(tags_json))
+    }
+
+    /// Write the record straight into the buffer: no `fmt`, no temporary strings (the bus
+    /// writes a latency record for most messages a lightly loaded agent receives).
+    fn push(
+        &self,
+        metric: &str,
+        value: f64,
+        unit: &str,
+        tags: Tags<'_>,
+    ) -> Result<(), MetricError> {
         if metric.is_empty() || metric.len() > 200 || metric.chars().any(char::is_control) {
             return Err(MetricError::Name(metric.to_owned()));
         }
@@ -205,23 +210,42 @@ impl Emitter {
             return Err(MetricError::Value(value.to_string()));
         }
         let inner = &self.inner;
-        let mut line = String::with_capacity(160);
-        let _ = writeln!(
-            line,
-            "{{\"timestamp\":\"{}\",\"metric\":{},\"value\":{},\"unit\":{},\"tags\":{},\"agent\":{},\"pid\":{},\"v\":{VERSION}}}",
-            crate::sys::iso8601_utc(crate::store::now_ms()),
-            json_str(metric),
-            fmt_value(value),
-            json_str(unit),
-            tags_json,
-            inner
-                .agent
-                .as_deref()
-                .map_or_else(|| "null".to_owned(), json_str),
-            inner.pid,
-        );
         let mut p = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.buf.extend_from_slice(line.as_bytes());
+        let out = &mut p.buf;
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        crate::sys::push_iso8601_utc(out, crate::store::now_ms());
+        out.extend_from_slice(b"\",\"metric\":");
+        write_json_str(out, metric);
+        out.extend_from_slice(b",\"value\":");
+        push_value(out, value);
+        out.extend_from_slice(b",\"unit\":");
+        write_json_str(out, unit);
+        out.extend_from_slice(b",\"tags\":");
+        match tags {
+            Tags::Json(t) => out.extend_from_slice(t.as_bytes()),
+            Tags::Pairs(pairs) => {
+                out.push(b'{');
+                for (i, (k, v)) in pairs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_json_str(out, k);
+                    out.push(b':');
+                    write_json_str(out, v);
+                }
+                out.push(b'}');
+            }
+        }
+        out.extend_from_slice(b",\"agent\":");
+        match &inner.agent {
+            Some(a) => write_json_str(out, a),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"pid\":");
+        out.extend_from_slice(itoa(u64::from(inner.pid)).as_bytes());
+        out.extend_from_slice(b",\"v\":");
+        out.extend_from_slice(itoa(u64::from(VERSION)).as_bytes());
+        out.extend_from_slice(b"}\n");
         p.records += 1;
         p.oldest.get_or_insert_with(Instant::now);
         if p.buf.len() >= inner.opts.flush_bytes {
@@ -413,16 +437,35 @@ fn start_flusher(inner: Weak<Inner>, every: Duration) {
         });
 }
 
-fn json_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+/// A record's tags: label pairs, or a JSON object's text.
+enum Tags<'a> {
+    Pairs(&'a [(&'a str, &'a str)]),
+    Json(&'a str),
 }
 
 /// A number as JSON (and as Prometheus text): integers without a fraction.
 pub(crate) fn fmt_value(v: f64) -> String {
+    let mut out = Vec::with_capacity(24);
+    push_value(&mut out, v);
+    String::from_utf8(out).unwrap_or_default() // digits, sign, point, exponent: ASCII
+}
+
+/// [`fmt_value`] appended to `out`.
+fn push_value(out: &mut Vec<u8>, v: f64) {
     if v.fract() == 0.0 && v.abs() < 9e15 {
-        format!("{}", v as i64)
+        if v < 0.0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(itoa(v.abs() as u64).as_bytes());
     } else {
-        format!("{v}")
+        struct Bytes<'a>(&'a mut Vec<u8>);
+        impl std::fmt::Write for Bytes<'_> {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                self.0.extend_from_slice(s.as_bytes());
+                Ok(())
+            }
+        }
+        let _ = write!(Bytes(out), "{v}");
     }
 }
 

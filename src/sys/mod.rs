@@ -247,6 +247,14 @@ pub fn die_with_spawner() {
 
 /// `ms` since the epoch as ISO-8601 UTC with milliseconds: `2026-12-01T22:49:38.123Z`.
 pub fn iso8601_utc(ms: u64) -> String {
+    let mut out = Vec::with_capacity(24);
+    push_iso8601_utc(&mut out, ms);
+    String::from_utf8(out).unwrap_or_default() // ASCII digits and separators only
+}
+
+/// [`iso8601_utc`] appended to `out`, without going through `fmt` (every metric record
+/// carries one).
+pub fn push_iso8601_utc(out: &mut Vec<u8>, ms: u64) {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
@@ -259,13 +267,25 @@ pub fn iso8601_utc(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
+    let digits = |out: &mut Vec<u8>, n: u64, width: u32| {
+        for k in (0..width).rev() {
+            out.push(b'0' + (n / 10u64.pow(k) % 10) as u8);
+        }
+    };
+    digits(out, y as u64, 4);
+    out.push(b'-');
+    digits(out, m as u64, 2);
+    out.push(b'-');
+    digits(out, d as u64, 2);
+    out.push(b'T');
+    digits(out, rem / 3600, 2);
+    out.push(b':');
+    digits(out, rem % 3600 / 60, 2);
+    out.push(b':');
+    digits(out, rem % 60, 2);
+    out.push(b'.');
+    digits(out, ms % 1000, 3);
+    out.push(b'Z');
 }
 
 #[cfg(test)]
