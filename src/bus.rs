@@ -381,8 +381,7 @@ impl Bus {
             lease: opts.lease,
             filter: opts.filter,
         };
-        // Every receive counts as a heartbeat (an agent waiting for work is not stalled).
-        store.heartbeat(id)?;
+        // Every receive counts as a heartbeat: the store notes it (see `Store::heartbeat`).
         let deadline = match opts.wait {
             Wait::No => {
                 let got = fetch(store, &req)?.messages;
@@ -428,11 +427,10 @@ impl Bus {
                 sleep = Some(sleep.map_or(until, |s| s.min(until)));
             }
             if let Some(c) = &self.inner.counters {
-                c.publish(false); // counts reach the metrics before a long sleep
+                c.publish_at(now); // counts reach the metrics before a long sleep
             }
             w.wait(sleep)
                 .map_err(RecvError::at(self.inner.root.path()))?;
-            store.heartbeat(id)?;
         }
     }
 

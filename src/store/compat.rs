@@ -325,7 +325,7 @@ impl CompatStore {
 
     fn open_for_send(&self, id: &AgentId) -> Result<Arc<Inbox>, SendError> {
         self.inbox(id)
-            .map_err(SendError::at(self.layout.agent_dir(id)))?
+            .map_err(|e| SendError::at(self.layout.agent_dir(id))(e))?
             .ok_or_else(|| SendError::UnknownRecipient(id.clone()))
     }
 
@@ -502,7 +502,7 @@ impl Store for CompatStore {
         };
         if let Some(ib) = self
             .inbox(id)
-            .map_err(AgentError::at(self.layout.agent_dir(id)))?
+            .map_err(|e| AgentError::at(self.layout.agent_dir(id))(e))?
         {
             return Ok(update(ib));
         }
@@ -545,7 +545,7 @@ impl Store for CompatStore {
             let _m = ib.lock_mutex.lock().unwrap_or_else(|e| e.into_inner());
             ib.lock
                 .lock()
-                .map_err(AgentError::at(self.layout.inbox_lock_in(&dir)))?;
+                .map_err(|e| AgentError::at(self.layout.inbox_lock_in(&dir))(e))?;
             ib.meta.mark_removed();
             ib.bell.ring();
             let _ = ib.lock.unlock();
@@ -598,7 +598,7 @@ impl Store for CompatStore {
             let _m = ib.lock_mutex.lock().unwrap_or_else(|e| e.into_inner());
             ib.lock
                 .lock()
-                .map_err(SendError::at(self.layout.inbox_lock_in(&dir)))?;
+                .map_err(|e| SendError::at(self.layout.inbox_lock_in(&dir))(e))?;
             let r = write_message(self, &ib, &d, &numbering);
             let _ = ib.lock.unlock();
             r?
@@ -613,9 +613,10 @@ impl Store for CompatStore {
 
     fn receive(&self, id: &AgentId, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
         let ib = self.existing(id)?;
+        let now = now_ms();
+        ib.meta.touch(now); // every receive counts as a heartbeat
         let mut g = ib.recv.lock(&ib.meta)?;
         let mut st = g.load()?;
-        let now = now_ms();
         // Leases on files a script moved away or deleted are over: the message was consumed.
         let present: std::collections::HashSet<String> =
             list_names(&ib.inbox).map_err(RecvError::at(&ib.inbox))?;

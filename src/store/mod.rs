@@ -299,7 +299,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn append(&self, draft: Draft<'_>) -> Result<Receipt, SendError>;
 
     /// Lease up to `req.max` deliverable messages (new ones, and ones whose lease expired),
-    /// oldest first. Returns an empty batch when there are none; never blocks.
+    /// oldest first. Returns an empty batch when there are none; never blocks. Counts as a
+    /// heartbeat (see [`Store::heartbeat`]).
     ///
     /// # Errors
     /// [`RecvError`]; nothing is leased.
@@ -376,7 +377,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn wake_target(&self, id: &AgentId) -> Result<WakeTarget, RecvError>;
 
     /// Record that the agent is alive and working now (its sends are recorded by
-    /// [`Store::append`]; the bus calls this on every receive and acknowledgement).
+    /// [`Store::append`], its receives by [`Store::receive`] and [`Store::consume`]; the bus
+    /// calls this on every acknowledgement).
     ///
     /// # Errors
     /// [`RecvError::UnknownAgent`] if there is no such agent.

@@ -132,7 +132,7 @@ impl JsonlStore {
 
     fn existing(&self, id: &AgentId) -> Result<Arc<Inbox>, RecvError> {
         self.inbox(id)
-            .map_err(RecvError::at(self.layout.agent_dir(id)))?
+            .map_err(|e| RecvError::at(self.layout.agent_dir(id))(e))?
             .ok_or_else(|| RecvError::UnknownAgent(id.clone()))
     }
 
@@ -174,7 +174,7 @@ impl Store for JsonlStore {
         };
         if let Some(ib) = self
             .inbox(id)
-            .map_err(AgentError::at(self.layout.agent_dir(id)))?
+            .map_err(|e| AgentError::at(self.layout.agent_dir(id))(e))?
         {
             return Ok(update(ib));
         }

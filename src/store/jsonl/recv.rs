@@ -138,8 +138,12 @@ pub(super) fn receive(
     req: &RecvRequest<'_>,
     mut handle: Handler<'_>,
 ) -> Result<Batch, RecvError> {
+    // Every receive counts as a heartbeat (an agent waiting for work is not stalled); one
+    // clock reading serves it, the check below and the leases.
+    let now = now_ms();
+    inbox.meta.touch(now);
     if req.filter.is_none()
-        && let Some(next_expiry_ms) = nothing_new(inbox)
+        && let Some(next_expiry_ms) = nothing_new(inbox, now)
     {
         // No lock, no system call; the caller still learns when the next lease runs out.
         return Ok(Batch {
@@ -149,7 +153,7 @@ pub(super) fn receive(
     }
     let mut req = *req;
     loop {
-        match receive_once(inbox, &req, &mut handle) {
+        match receive_once(inbox, &req, now, &mut handle) {
             // A bigger batch needs a bigger state; on a full filesystem, hand out fewer
             // messages rather than none (the slot's reserved space holds a few leases).
             Err(RecvError::StoreFull { .. }) if req.max > 1 => req.max /= 2,
@@ -161,8 +165,7 @@ pub(super) fn receive(
 /// If this process's cached state (still current) shows nothing to deliver (no shard longer
 /// than its read cursor, no lease due), the time the next lease expires. Answers without a
 /// system call; `None` when there may be something, or when unsure.
-fn nothing_new(inbox: &Inbox) -> Option<Option<u64>> {
-    let now = now_ms();
+fn nothing_new(inbox: &Inbox, now: u64) -> Option<Option<u64>> {
     inbox
         .recv
         .peek_cached(&inbox.meta, |st| {
@@ -181,11 +184,11 @@ fn nothing_new(inbox: &Inbox) -> Option<Option<u64>> {
 fn receive_once(
     inbox: &Inbox,
     req: &RecvRequest<'_>,
+    now: u64,
     handle: &mut Handler<'_>,
 ) -> Result<Batch, RecvError> {
     let mut g = inbox.recv.lock(&inbox.meta)?;
     let mut st = g.load()?;
-    let now = now_ms();
     let until = now + req.lease.as_millis() as u64;
     let wanted = |e: &Envelope| req.filter.is_none_or(|f| (f.0)(e));
     let mut batch = Batch::default();
