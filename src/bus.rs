@@ -423,7 +423,9 @@ impl Bus {
             // when a lease runs out, so nothing would wake us).
             let mut sleep = deadline.map(|d| d - now);
             if let Some(exp) = batch.next_expiry_ms {
-                let until = Duration::from_millis(exp.saturating_sub(now_micros() / 1000) + 1);
+                // Lease deadlines are set from the coarse clock (see `sys::now_ms_coarse`).
+                let until =
+                    Duration::from_millis(exp.saturating_sub(crate::sys::now_ms_coarse()) + 1);
                 sleep = Some(sleep.map_or(until, |s| s.min(until)));
             }
             if let Some(c) = &self.inner.counters {
@@ -460,14 +462,11 @@ impl Bus {
         if got.is_empty() {
             return;
         }
-        let stamps: Vec<(u64, u32)> = got
-            .iter()
-            .map(|e| (e.ts, e.delivery.unwrap_or(1)))
-            .collect();
+        let stamps = got.iter().map(|e| (e.ts, e.delivery.unwrap_or(1)));
         let depth = (self.inner.root.config().layout == LayoutKind::Jsonl)
             .then(|| self.inner.store.depth(id).ok().map(|d| d.msgs))
             .flatten();
-        c.received(id, &stamps, now_micros(), depth);
+        c.received(id, stamps, now_micros(), depth);
     }
 
     /// Acknowledge every delivered, unacknowledged message.

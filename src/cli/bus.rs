@@ -288,6 +288,8 @@ pub(crate) fn echo(ctx: &Ctx, a: EchoArgs) -> anyhow::Result<Exit> {
     let mut waiter = None;
     let mut answered = 0u64;
     let mut kind = String::new();
+    // The sender of the last message: a served agent mostly hears from the same one.
+    let mut last_from: Option<AgentId> = None;
     loop {
         // Answer inside the receive: the batch is acknowledged with the same state update.
         let mut stop = false;
@@ -301,7 +303,10 @@ pub(crate) fn echo(ctx: &Ctx, a: EchoArgs) -> anyhow::Result<Exit> {
                     stop = true;
                     continue;
                 }
-                let Ok(from) = AgentId::new(&m.from) else {
+                if last_from.as_ref().is_none_or(|f| f.as_str() != m.from) {
+                    last_from = AgentId::new(&m.from).ok();
+                }
+                let Some(from) = &last_from else {
                     continue;
                 };
                 let reply = SendOptions {
@@ -314,7 +319,7 @@ pub(crate) fn echo(ctx: &Ctx, a: EchoArgs) -> anyhow::Result<Exit> {
                 // The payload was checked when it was sent: echo it as it is.
                 let p = Payload::from_received(&m.payload);
                 let sent = mesh
-                    .send(&id, &from, &kind, &p, &reply)
+                    .send(&id, from, &kind, &p, &reply)
                     .map_err(anyhow::Error::from);
                 if let Err(e) = sent {
                     failed = Some(e);

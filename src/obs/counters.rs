@@ -80,7 +80,10 @@ struct Local {
     owner: u64,
     shared: Weak<Shared>,
     counts: Vec<((AgentId, Event), u64)>,
-    latency: Vec<(AgentId, f64)>,
+    /// Samples per agent (an agent's id is not copied per sample).
+    latency: Vec<(AgentId, Vec<f64>)>,
+    /// Samples in `latency`.
+    samples: usize,
     depth: Vec<(AgentId, u64)>,
     ops: u32,
     since: Instant,
@@ -94,13 +97,18 @@ impl Local {
                 *t.counts.entry(k).or_default() += n;
             }
             let room = MAX_LATENCY_SAMPLES.saturating_sub(t.latency.len());
-            t.latency.extend(self.latency.drain(..).take(room));
+            let samples = self
+                .latency
+                .drain(..)
+                .flat_map(|(a, ms)| ms.into_iter().map(move |m| (a.clone(), m)));
+            t.latency.extend(samples.take(room));
             for (a, d) in self.depth.drain(..) {
                 t.depth.insert(a, d);
             }
         }
         self.counts.clear();
         self.latency.clear();
+        self.samples = 0;
         self.depth.clear();
         self.ops = 0;
         self.since = Instant::now();
@@ -144,6 +152,7 @@ impl BusCounters {
                     shared: Arc::downgrade(&self.shared),
                     counts: Vec::new(),
                     latency: Vec::new(),
+                    samples: 0,
                     depth: Vec::new(),
                     ops: 0,
                     since: Instant::now(),
@@ -183,24 +192,31 @@ impl BusCounters {
     }
 
     /// What a receive returned: counts, redeliveries, latency samples and the depth left.
+    /// `sent_at_us`: each message's send time and delivery count.
     pub fn received(
         &self,
         agent: &AgentId,
-        sent_at_us: &[(u64, u32)],
+        sent_at_us: impl Iterator<Item = (u64, u32)> + Clone,
         now_us: u64,
         depth: Option<u64>,
     ) {
-        if sent_at_us.is_empty() && depth.is_none() {
+        let (n, redelivered) = sent_at_us
+            .clone()
+            .fold((0, 0), |(n, r), (_, d)| (n + 1, r + u64::from(d > 1)));
+        if n == 0 && depth.is_none() {
             return;
         }
-        let redelivered = sent_at_us.iter().filter(|(_, d)| *d > 1).count() as u64;
-        self.count(agent, Event::Received, sent_at_us.len() as u64);
+        self.count(agent, Event::Received, n);
         self.count(agent, Event::Redelivered, redelivered);
         self.with_local(|l| {
             for (ts, delivery) in sent_at_us {
-                if *delivery == 1 && l.latency.len() < MAX_LATENCY_SAMPLES {
-                    l.latency
-                        .push((agent.clone(), now_us.saturating_sub(*ts) as f64 / 1000.0));
+                if delivery == 1 && l.samples < MAX_LATENCY_SAMPLES {
+                    let ms = now_us.saturating_sub(ts) as f64 / 1000.0;
+                    match l.latency.iter_mut().rev().find(|e| e.0 == *agent) {
+                        Some(e) => e.1.push(ms),
+                        None => l.latency.push((agent.clone(), vec![ms])),
+                    }
+                    l.samples += 1;
                 }
             }
             if let Some(d) = depth {

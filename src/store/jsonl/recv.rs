@@ -10,7 +10,6 @@
 use std::sync::atomic::Ordering;
 
 use crate::store::meta::ShardField;
-use crate::store::now_ms;
 
 use super::state::RecvState;
 
@@ -139,8 +138,9 @@ pub(super) fn receive(
     mut handle: Handler<'_>,
 ) -> Result<Batch, RecvError> {
     // Every receive counts as a heartbeat (an agent waiting for work is not stalled); one
-    // clock reading serves it, the check below and the leases.
-    let now = now_ms();
+    // clock reading serves it, the check below and the leases (the coarse clock: all three
+    // count in seconds).
+    let now = crate::sys::now_ms_coarse();
     inbox.meta.touch(now);
     if req.filter.is_none()
         && let Some(next_expiry_ms) = nothing_new(inbox, now)
