@@ -42,7 +42,7 @@ use super::meta::{Meta, ShardField, SlotError};
 use super::slots::{self, SlotPaths, SlotState, Slots};
 use super::{
     AckReport, AckTarget, AgentError, AgentSettings, Batch, Depth, IdMap, Receipt, RecvError,
-    RecvRequest, Removed, SendError, Store, create_private_file, mkdir_private, now_ms,
+    RecvRequest, Removed, SendError, Store, create_private_file, mkdir_private,
 };
 use crate::envelope::{AgentId, Draft, ENVELOPE_VERSION, Envelope, now_micros};
 use crate::layout::Layout;
@@ -613,8 +613,10 @@ impl Store for CompatStore {
 
     fn receive(&self, id: &AgentId, req: &RecvRequest<'_>) -> Result<Batch, RecvError> {
         let ib = self.existing(id)?;
-        let now = now_ms();
-        ib.meta.touch(now); // every receive counts as a heartbeat
+        // Every receive counts as a heartbeat; lease deadlines, in both layouts, come from the
+        // coarse clock (the wait loop sleeps until them by the same clock).
+        let now = crate::sys::now_ms_coarse();
+        ib.meta.touch(now);
         let mut g = ib.recv.lock(&ib.meta)?;
         let mut st = g.load()?;
         // Leases on files a script moved away or deleted are over: the message was consumed.
