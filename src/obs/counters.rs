@@ -82,8 +82,6 @@ struct Local {
     counts: Vec<((AgentId, Event), u64)>,
     /// Samples per agent (an agent's id is not copied per sample).
     latency: Vec<(AgentId, Vec<f64>)>,
-    /// Samples in `latency`.
-    samples: usize,
     depth: Vec<(AgentId, u64)>,
     ops: u32,
     since: Instant,
@@ -108,7 +106,6 @@ impl Local {
         }
         self.counts.clear();
         self.latency.clear();
-        self.samples = 0;
         self.depth.clear();
         self.ops = 0;
         self.since = Instant::now();
@@ -152,7 +149,6 @@ impl BusCounters {
                     shared: Arc::downgrade(&self.shared),
                     counts: Vec::new(),
                     latency: Vec::new(),
-                    samples: 0,
                     depth: Vec::new(),
                     ops: 0,
                     since: Instant::now(),
@@ -209,14 +205,17 @@ impl BusCounters {
         self.count(agent, Event::Received, n);
         self.count(agent, Event::Redelivered, redelivered);
         self.with_local(|l| {
-            for (ts, delivery) in sent_at_us {
-                if delivery == 1 && l.samples < MAX_LATENCY_SAMPLES {
-                    let ms = now_us.saturating_sub(ts) as f64 / 1000.0;
-                    match l.latency.iter_mut().rev().find(|e| e.0 == *agent) {
-                        Some(e) => e.1.push(ms),
-                        None => l.latency.push((agent.clone(), vec![ms])),
-                    }
-                    l.samples += 1;
+            let mut room =
+                MAX_LATENCY_SAMPLES.saturating_sub(l.latency.iter().map(|e| e.1.len()).sum());
+            for (ts, _) in sent_at_us.filter(|&(_, d)| d == 1) {
+                if room == 0 {
+                    break;
+                }
+                room -= 1;
+                let ms = now_us.saturating_sub(ts) as f64 / 1000.0;
+                match l.latency.iter_mut().rev().find(|e| e.0 == *agent) {
+                    Some(e) => e.1.push(ms),
+                    None => l.latency.push((agent.clone(), vec![ms])),
                 }
             }
             if let Some(d) = depth {
