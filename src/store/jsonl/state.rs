@@ -304,17 +304,13 @@ impl SlotState for RecvState {
         num(out, b"{\"v\":", u64::from(self.v));
         out.extend_from_slice(b",\"shards\":[");
         for (i, c) in self.shards.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
+            comma(out, i);
             num(out, b"{\"read\":", c.read);
             num(out, b",\"acked_msgs\":", c.acked_msgs);
             num(out, b",\"punched\":", c.punched);
             out.extend_from_slice(b",\"leases\":[");
             for (j, l) in c.leases.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
+                comma(out, j);
                 num(out, b"{\"off\":", l.off);
                 num(out, b",\"len\":", l.len);
                 out.extend_from_slice(b",\"id\":");
@@ -340,9 +336,7 @@ impl SlotState for RecvState {
         if !d.routed.is_empty() {
             out.extend_from_slice(b",\"routed\":{");
             for (i, (k, v)) in d.routed.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+                comma(out, i);
                 write_json_str(out, k);
                 num(out, b":", *v);
             }
@@ -351,9 +345,7 @@ impl SlotState for RecvState {
         if !d.ahead.is_empty() {
             out.extend_from_slice(b",\"ahead\":{");
             for (i, (k, v)) in d.ahead.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+                comma(out, i);
                 write_json_str(out, k);
                 out.push(b':');
                 nums(out, v.iter().copied());
@@ -363,9 +355,7 @@ impl SlotState for RecvState {
         if !d.fanouts.is_empty() {
             out.extend_from_slice(b",\"fanouts\":[");
             for (i, id) in d.fanouts.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+                comma(out, i);
                 write_json_str(out, id);
             }
             out.push(b']');
@@ -384,13 +374,18 @@ impl SlotState for RecvState {
     }
 }
 
+/// The `,` before every item of a list but the first (`i` counts from 0).
+fn comma(out: &mut Vec<u8>, i: usize) {
+    if i > 0 {
+        out.push(b',');
+    }
+}
+
 /// `[1,2,3]`.
 fn nums(out: &mut Vec<u8>, it: impl Iterator<Item = u64>) {
     out.push(b'[');
     for (i, n) in it.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+        comma(out, i);
         push_num(out, n);
     }
     out.push(b']');
