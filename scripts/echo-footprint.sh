@@ -9,7 +9,8 @@
 #
 #   scripts/echo-footprint.sh [path/to/shoal]     (default: target/release/shoal)
 #
-# Needs valgrind and python3. Takes ~30 s. Prints one line per message (after warm-up) and a
+# Needs valgrind and python3, and the default non-PIE build: lines are sorted into stack,
+# binary and heap by the addresses valgrind gives them there. Takes ~30 s. Prints one line per message (after warm-up) and a
 # breakdown of the data lines of one message by the function that first touched them.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -630,7 +630,6 @@ pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
 }
 
 /// Milliseconds since the Unix epoch, now.
-/// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
     crate::envelope::now_micros() / 1000
 }

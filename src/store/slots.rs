@@ -77,7 +77,7 @@ struct Cache<T> {
     buf: Vec<u8>,
     capacity: [u64; 2],
     /// Each slot mapped shared (its whole capacity), made on the first save: a save is then a
-    /// copy into the page instead of a `pwrite` (a system call per receive, ~1.5 us).
+    /// copy into the page instead of a `pwrite` (one system call less per receive).
     maps: [Option<memmap2::MmapRaw>; 2],
     /// This process holds the receiver lock for good (see [`Slots::own`]).
     owned: bool,
