@@ -60,9 +60,19 @@ thread_local! {
     /// Each thread's per-shard buffers, reused from one receive to the next: a receive then
     /// allocates nothing for its reading (a fresh kilobyte-sized vector per call made the
     /// allocator consolidate its free lists every time).
-    static SCRATCH: std::cell::RefCell<(Vec<Pending>, Vec<u8>)> = const {
-        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    static SCRATCH: std::cell::RefCell<(Vec<Pending>, Vec<u8>, Vec<Fresh>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new()))
     };
+}
+
+/// A message delivered for the first time by this receive, not leased yet.
+struct Fresh {
+    shard: usize,
+    off: u64,
+    len: u64,
+    ts: u64,
+    /// Its place in the batch.
+    at: usize,
 }
 
 impl Pending {
@@ -193,7 +203,8 @@ fn receive_once(
     let wanted = |e: &Envelope| req.filter.is_none_or(|f| (f.0)(e));
     let mut batch = Batch::default();
     let mut changed = false;
-    let mut delivered: Vec<(usize, u64)> = Vec::new(); // (shard, offset) of each message handed out
+    // Redelivered messages (their leases exist), as (shard, offset).
+    let mut redelivered: Vec<(usize, u64)> = Vec::new();
     // Lowest sequence of a routed message left undelivered by the filter, per sender: a later
     // one from that sender delivered now is ahead of it (see `Dedup`).
     let mut left = crate::store::LeftBehind::default();
@@ -222,7 +233,8 @@ fn receive_once(
     } else {
         req.max
     };
-    let (mut shards, mut buf) = SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let (mut shards, mut buf, mut fresh) = SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    fresh.clear();
     shards.resize_with(st.shards.len(), Pending::empty);
     // Only the shards with new lines are touched from here on (`active`, one bit each): a
     // receiver woken for one message then works on one shard's scratch, not on all of them
@@ -279,7 +291,7 @@ fn receive_once(
                     l.until = until;
                     e.delivery = Some(l.n);
                     batch.messages.push(e);
-                    delivered.push((s, off));
+                    redelivered.push((s, off));
                     changed = true;
                 }
             }
@@ -292,10 +304,16 @@ fn receive_once(
                     batch.duplicates += 1;
                     p.pop(Outcome::Consumed);
                 } else {
-                    st.shards[s].lease(off, len, e.id.clone(), e.ts, until);
+                    // Leased below, once it is known whether the handler takes it.
+                    fresh.push(Fresh {
+                        shard: s,
+                        off,
+                        len,
+                        ts: e.ts,
+                        at: batch.messages.len(),
+                    });
                     e.delivery = Some(1);
                     batch.messages.push(e);
-                    delivered.push((s, off));
                     p.pop(Outcome::Delivered);
                 }
                 changed = true;
@@ -327,21 +345,30 @@ fn receive_once(
     }
     // Keep the buffers for the next receive, unless a big batch made them big.
     const KEEP: usize = 1 << 20;
-    if buf.capacity() <= KEEP && shards.iter().all(|p| p.arena.capacity() <= KEEP) {
-        SCRATCH.with(|c| *c.borrow_mut() = (shards, buf));
-    }
     // A handler that takes the messages has them acknowledged in the same save: one state
-    // update instead of a lease and an acknowledgement. If this process dies in the handler,
-    // nothing was saved and the messages are delivered again at once.
+    // update instead of a lease and an acknowledgement (and no lease is made for a message
+    // delivered for the first time). If this process dies in the handler, nothing was saved
+    // and the messages are delivered again at once.
     let mut acked = false;
     if let Some(h) = handle.as_mut()
         && !batch.messages.is_empty()
         && h(&batch.messages)
     {
-        for &(s, off) in &delivered {
+        for &(s, off) in &redelivered {
             st.shards[s].ack_at(off);
         }
+        for f in &fresh {
+            st.shards[f.shard].ack_unleased(f.off);
+        }
         acked = true;
+    } else {
+        for f in &fresh {
+            let id = batch.messages[f.at].id.clone();
+            st.shards[f.shard].lease(f.off, f.len, id, f.ts, until);
+        }
+    }
+    if buf.capacity() <= KEEP && shards.iter().all(|p| p.arena.capacity() <= KEEP) {
+        SCRATCH.with(|c| *c.borrow_mut() = (shards, buf, fresh));
     }
     batch.next_expiry_ms = st.next_expiry();
     if changed {

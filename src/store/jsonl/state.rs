@@ -168,12 +168,18 @@ impl ShardCursor {
             return false;
         };
         self.leases.remove(i);
+        self.ack_unleased(off);
+        true
+    }
+
+    /// Acknowledge the message at `off`, just delivered for the first time and never leased
+    /// (the receive's handler took it).
+    pub(crate) fn ack_unleased(&mut self, off: u64) {
         self.acked_msgs += 1;
         if off >= self.read {
             let at = self.done.partition_point(|&d| d < off);
             self.done.insert(at, off);
         }
-        true
     }
 
     /// Acknowledge every message before `end`: leased ones, and `unread` messages between
