@@ -267,13 +267,21 @@ impl Mesh {
         let expected: BTreeSet<AgentId> = b.recipients.iter().cloned().collect();
         // Where each agent's reply comes from: its hub (one aggregate for the team), or itself.
         let topo = self.topology();
+        // Messages still to come: one per source (a hub for its team, or the agent itself)
+        // with an agent missing. Counted down as replies come in.
+        let mut missing_of: BTreeMap<AgentId, usize> = BTreeMap::new();
         let source: BTreeMap<&AgentId, AgentId> = expected
             .iter()
-            .map(|a| match topo.route(a, from) {
-                Hop::Via(hub) => (a, hub),
-                Hop::Direct => (a, a.clone()),
+            .map(|a| {
+                let s = match topo.route(a, from) {
+                    Hop::Via(hub) => hub,
+                    Hop::Direct => a.clone(),
+                };
+                *missing_of.entry(s.clone()).or_default() += 1;
+                (a, s)
             })
             .collect();
+        let mut outstanding = missing_of.len();
         let mut replies: BTreeMap<AgentId, Envelope> = BTreeMap::new();
         let mut messages = 0;
         let request = b.id.clone();
@@ -281,13 +289,6 @@ impl Mesh {
         let mut finished = start;
         // Replies cannot come before the request: the count started before it was sent.
         while replies.len() < expected.len() && Instant::now() < deadline {
-            // Messages still to come: one per source with an agent missing.
-            let outstanding = expected
-                .iter()
-                .filter(|a| !replies.contains_key(*a))
-                .map(|a| &source[a])
-                .collect::<BTreeSet<_>>()
-                .len();
             if !self.wait_for_arrivals(outstanding, mark, deadline, bell)? {
                 break;
             }
@@ -303,15 +304,23 @@ impl Mesh {
                 self.bus()
                     .consume_with(from, &opts, &mut None, &mut |_: &[Envelope]| true)?;
             messages += got.len();
+            let mut tally = |r: Envelope| {
+                record(&expected, &mut replies, r, |a| {
+                    if let Some(n) = missing_of.get_mut(&source[a]) {
+                        *n -= 1;
+                        if *n == 0 {
+                            outstanding -= 1;
+                        }
+                    }
+                });
+            };
             for m in got {
                 if m.kind == BATCH_TYPE {
                     if let Ok(batch) = serde_json::from_str::<BatchPayload>(m.payload.get()) {
-                        for r in batch.replies {
-                            record(&expected, &mut replies, r);
-                        }
+                        batch.replies.into_iter().for_each(&mut tally);
                     }
                 } else {
-                    record(&expected, &mut replies, m);
+                    tally(m);
                 }
                 finished = Instant::now();
             }
@@ -523,10 +532,18 @@ impl Mesh {
     }
 }
 
-fn record(expected: &BTreeSet<AgentId>, replies: &mut BTreeMap<AgentId, Envelope>, r: Envelope) {
+/// Keep `r` if it is the first reply of an agent in `expected`, telling `first` which agent.
+fn record(
+    expected: &BTreeSet<AgentId>,
+    replies: &mut BTreeMap<AgentId, Envelope>,
+    r: Envelope,
+    first: impl FnOnce(&AgentId),
+) {
     if let Ok(a) = AgentId::new(&r.from)
         && expected.contains(&a)
+        && let std::collections::btree_map::Entry::Vacant(v) = replies.entry(a)
     {
-        replies.entry(a).or_insert(r);
+        first(v.key());
+        v.insert(r);
     }
 }
