@@ -209,6 +209,15 @@ impl<T: SlotState> Guard<'_, T> {
         {
             return Ok(st);
         }
+        self.read(ptr)
+    }
+
+    /// The state the pointer `ptr` designates, read from its slot. Apart from the cached path
+    /// of [`Guard::load`] (most of whose size is the state's parser), so that the code every
+    /// receive runs stays small.
+    #[cold]
+    #[inline(never)]
+    fn read(&self, ptr: u64) -> Result<T, RecvError> {
         let len = (ptr & PTR_LEN_MASK) as usize;
         if len == 0 {
             return Ok(T::fresh(self.meta)); // never saved
