@@ -7,13 +7,24 @@
 # number of distinct data lines per message predicts the agents' CPU far better than the
 # instruction count, and, unlike timings on this machine, it is exact and repeatable.
 #
-#   scripts/echo-footprint.sh [path/to/shoal]     (default: target/release/shoal)
+#   scripts/echo-footprint.sh [--layout scripts/hot-text.ld] [path/to/shoal]
+#                                                  (default: target/release/shoal)
+#
+# With --layout it also writes the linker script that places the functions one message runs
+# side by side at the start of the executable's code (see build.rs); regenerate it when the
+# hot path changes (functions renamed or added).
 #
 # Needs valgrind and python3, and the default non-PIE build: lines are sorted into stack,
-# binary and heap by the addresses valgrind gives them there. Takes ~30 s. Prints one line per message (after warm-up) and a
-# breakdown of the data lines of one message by the function that first touched them.
+# binary and heap by the addresses valgrind gives them there. Takes ~30 s. Prints one line per
+# message (after warm-up) and a breakdown of the data lines of one message by the function
+# that first touched them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+layout=""
+if [ "${1:-}" = "--layout" ]; then
+    layout="$(readlink -f "$2")"
+    shift 2
+fi
 bin="${1:-target/release/shoal}"
 bin="$(readlink -f "$bin")"
 work="$(mktemp -d /dev/shm/shoal-footprint.XXXXXX)"
@@ -32,19 +43,23 @@ wait "$echo_pid"
 # A message's window starts where the receive starts.
 entry="$(nm "$bin" | awk '/ t _ZN5shoal5store5jsonl4recv7receive17h/ && !f {print $1; f = 1}')"
 [ -n "$entry" ] || { echo "no receive symbol in $bin (stripped?)" >&2; exit 1; }
-python3 - "$bin" "$entry" "$work/trace" <<'EOF'
-import bisect, collections, subprocess, sys
-binary, entry, trace = sys.argv[1], int(sys.argv[2], 16), sys.argv[3]
-syms = []
-for l in subprocess.run(["nm", "-C", "--defined-only", binary], capture_output=True, text=True).stdout.splitlines():
-    p = l.split(" ", 2)
-    if len(p) == 3 and p[1] in "tTwW":
-        syms.append((int(p[0], 16), p[2]))
-syms.sort()
-starts = [a for a, _ in syms]
-def function(a):
+python3 - "$bin" "$entry" "$work/trace" "$layout" <<'EOF'
+import bisect, collections, fnmatch, re, subprocess, sys
+binary, entry, trace, layout = sys.argv[1], int(sys.argv[2], 16), sys.argv[3], sys.argv[4]
+def nm(*flags):
+    out = subprocess.run(["nm", "-n", "-S", "--defined-only", *flags, binary],
+                         capture_output=True, text=True).stdout.splitlines()
+    return [l.split(" ", 3) for l in out]
+# (address, size, mangled name, readable name) of every function; both listings in one order.
+syms = [(int(m[0], 16), int(m[1], 16), m[3], d[3][:100])
+        for m, d in zip(nm(), nm("-C")) if len(m) == 4 and m[2] in "tTwW"]
+starts = [s[0] for s in syms]
+def index(a):
     i = bisect.bisect_right(starts, a) - 1
-    return syms[i][1][:100] if i >= 0 and a < 0x2000000 else "(shared libraries)"
+    return i if i >= 0 and a < 0x2000000 else None
+def function(a):
+    i = index(a)
+    return syms[i][3] if i is not None else "(shared libraries)"
 windows, cur, last = [], None, 0
 for line in open(trace):
     p = line.split()
@@ -55,11 +70,16 @@ for line in open(trace):
         if addr == entry:
             if cur is not None:
                 windows.append(cur)
-            cur = {"n": 0, "code": set(), "data": {}}
+            cur = {"n": 0, "code": set(), "data": {}, "order": {}}
         last = addr
         if cur is not None:
             cur["n"] += 1
-            cur["code"].add(addr >> 6)
+            line_ = addr >> 6
+            if line_ not in cur["code"]:
+                cur["code"].add(line_)
+                i = index(addr)
+                if i is not None:
+                    cur["order"].setdefault(i, len(cur["order"]))
     elif cur is not None:
         cur["data"].setdefault(addr >> 6, last)
 windows = windows[5:]  # warm-up
@@ -78,4 +98,38 @@ for line, ip in w["data"].items():
 print("\ndata lines of one message, by the function that touched them first:")
 for (f, region), k in by.most_common(25):
     print(f"{k:4} {region:9} {f}")
+if not layout:
+    sys.exit(0)
+# The functions of the binary that run in most messages, in the order they first run.
+runs = collections.Counter(i for w in windows for i in w["order"])
+hot = [i for i, k in runs.items() if 2 * k >= len(windows)]
+hot.sort(key=lambda i: sorted(w["order"][i] for w in windows if i in w["order"])[runs[i] // 2])
+# Patterns without the hashes that change from build to build: legacy names end in
+# 17h<16 hex>E, v0 names carry the crate's hash as Cs<base62>_. A pattern that would also
+# pull in other copies of a generic function (much more code than the hot copy) is left out.
+def pattern(name):
+    if name.startswith("_ZN"):
+        return re.sub(r"17h[0-9a-f]{16}E$", "17h*", name)
+    return re.sub(r"Cs[0-9A-Za-z]+_", "Cs*_", name)
+size_of = collections.defaultdict(int)
+pats = {i: pattern(syms[i][2]) for i in hot}
+wanted = set(pats.values())
+for s in syms:
+    p = pattern(s[2])
+    if p in wanted and fnmatch.fnmatchcase(s[2], p):
+        size_of[p] += s[1]
+lines, kept, seen = [], 0, set()
+for i in hot:
+    p = pats[i]
+    if p in seen or size_of[p] > 2 * syms[i][1] + 1024:
+        continue
+    seen.add(p)
+    kept += size_of[p]
+    lines.append(f"    *(.text.{p})")
+with open(layout, "w") as f:
+    f.write("/* The functions one echoed message runs, in the order it runs them, side by side at\n"
+            "   the start of the code: written by scripts/echo-footprint.sh --layout, used by\n"
+            "   build.rs. */\n")
+    f.write("SECTIONS\n{\n  .text.shoal_hot : {\n" + "\n".join(lines) + "\n  }\n}\nINSERT BEFORE .text;\n")
+print(f"\n{layout}: {len(lines)} of {len(hot)} hot functions, {kept} bytes")
 EOF
