@@ -267,20 +267,19 @@ impl Mesh {
         let expected: BTreeSet<AgentId> = b.recipients.iter().cloned().collect();
         // Where each agent's reply comes from: its hub (one aggregate for the team), or itself.
         let topo = self.topology();
-        // Messages still to come: one per source (a hub for its team, or the agent itself)
-        // with an agent missing. Counted down as replies come in.
-        let mut missing_of: BTreeMap<AgentId, usize> = BTreeMap::new();
         let source: BTreeMap<&AgentId, AgentId> = expected
             .iter()
-            .map(|a| {
-                let s = match topo.route(a, from) {
-                    Hop::Via(hub) => hub,
-                    Hop::Direct => a.clone(),
-                };
-                *missing_of.entry(s.clone()).or_default() += 1;
-                (a, s)
+            .map(|a| match topo.route(a, from) {
+                Hop::Via(hub) => (a, hub),
+                Hop::Direct => (a, a.clone()),
             })
             .collect();
+        // Messages still to come: one per source with an agent missing, counted down as
+        // replies come in.
+        let mut missing_of: BTreeMap<&AgentId, usize> = BTreeMap::new();
+        for s in source.values() {
+            *missing_of.entry(s).or_default() += 1;
+        }
         let mut outstanding = missing_of.len();
         let mut replies: BTreeMap<AgentId, Envelope> = BTreeMap::new();
         let mut messages = 0;

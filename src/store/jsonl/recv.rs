@@ -345,6 +345,12 @@ fn receive_once(
     }
     // Keep the buffers for the next receive, unless a big batch made them big.
     const KEEP: usize = 1 << 20;
+    if buf.capacity() <= KEEP && shards.iter().all(|p| p.arena.capacity() <= KEEP) {
+        SCRATCH.with(|c| {
+            let mut c = c.borrow_mut();
+            (c.0, c.1) = (shards, buf);
+        });
+    }
     // A handler that takes the messages has them acknowledged in the same save: one state
     // update instead of a lease and an acknowledgement (and no lease is made for a message
     // delivered for the first time). If this process dies in the handler, nothing was saved
@@ -367,8 +373,8 @@ fn receive_once(
             st.shards[f.shard].lease(f.off, f.len, id, f.ts, until);
         }
     }
-    if buf.capacity() <= KEEP && shards.iter().all(|p| p.arena.capacity() <= KEEP) {
-        SCRATCH.with(|c| *c.borrow_mut() = (shards, buf, fresh));
+    if fresh.capacity() * std::mem::size_of::<Fresh>() <= KEEP {
+        SCRATCH.with(|c| c.borrow_mut().2 = fresh);
     }
     batch.next_expiry_ms = st.next_expiry();
     if changed {
