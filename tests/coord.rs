@@ -713,6 +713,12 @@ fn r4_bench_round_reports_every_field_per_size_and_topology() {
         }
         assert_eq!(l["delivered_pct"], 100.0);
         assert_eq!(l["rounds"], 2);
+        // Agents' CPU per round, from /proc (null only where /proc has no schedstat).
+        if std::path::Path::new("/proc/self/schedstat").exists() {
+            for f in ["agents_cpu_ms", "floor_agents_cpu_ms"] {
+                assert!(l[f].as_f64().is_some_and(|ms| ms > 0.0), "{f} in {l}");
+            }
+        }
     }
     // The coordinator gets one message per team in the hybrid topology (30 agents: 4 teams).
     assert_eq!(lines[3]["coordinator_messages"], 4);

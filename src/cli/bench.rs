@@ -130,15 +130,24 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
                     "coordinator_messages": r.messages,
                     "floor_p50_ms": round2(floor_p50),
                     "ratio_to_floor": round2(p50 / floor_p50),
+                    "agents_cpu_ms": r.agents_cpu_ms.map(round2),
+                    "floor_agents_cpu_ms": r.floor_agents_cpu_ms.map(round2),
                 });
                 super::out(&format!("{v}\n"))?;
             } else {
                 super::out(&format!(
-                    "{n:>5} agents {topo:<6}: p50 {p50:7.2} ms  p95 {p95:7.2} ms  delivered {:6.2}%  coordinator {:6.2} ms CPU, {} messages/round  | floor p50 {floor_p50:6.2} ms  ({:.2}x)\n",
+                    "{n:>5} agents {topo:<6}: p50 {p50:7.2} ms  p95 {p95:7.2} ms  delivered {:6.2}%  coordinator {:6.2} ms CPU, {} messages/round  | floor p50 {floor_p50:6.2} ms  ({:.2}x){}\n",
                     r.delivered_pct,
                     r.cpu_ms,
                     r.messages,
-                    p50 / floor_p50
+                    p50 / floor_p50,
+                    match (r.agents_cpu_ms, r.floor_agents_cpu_ms) {
+                        (Some(s), Some(f)) => format!(
+                            "  | agents {s:.2} ms CPU/round, floor's {f:.2} ({:.2}x)",
+                            s / f
+                        ),
+                        _ => String::new(),
+                    }
                 ))?;
             }
         }
@@ -158,6 +167,10 @@ struct Rounds {
     delivered_pct: f64,
     cpu_ms: f64,
     messages: usize,
+    /// CPU of shoal's agent processes (echo agents and hubs) per round.
+    agents_cpu_ms: Option<f64>,
+    /// CPU of the floor's receivers per floor round.
+    floor_agents_cpu_ms: Option<f64>,
 }
 
 /// Rounds through shoal: `n` echo agents (and hubs), a coordinator gathering from them.
@@ -228,6 +241,9 @@ fn shoal_rounds(
     let (mut times, mut replied, mut expected, mut cpu, mut messages) =
         (Vec::new(), 0usize, 0usize, Duration::ZERO, 0);
     let mut floor_times = Vec::with_capacity(a.rounds);
+    // Agents only work in their own rounds, so what they ran in between is per round.
+    let agents0 = children_cpu(&children);
+    let floor0 = children_cpu(&floor.children);
     for _ in 0..a.rounds {
         interrupted()?;
         floor_times.push(floor.round()?);
@@ -239,6 +255,12 @@ fn shoal_rounds(
         expected += r.expected.len();
         messages = messages.max(r.messages);
     }
+    let rounds = a.rounds.max(1) as f64;
+    let per_round = |c0: Option<Duration>, c1: Option<Duration>| {
+        Some((c1? - c0?).as_secs_f64() * 1000.0 / rounds)
+    };
+    let agents_cpu_ms = per_round(agents0, children_cpu(&children));
+    let floor_agents_cpu_ms = per_round(floor0, children_cpu(&floor.children));
     mesh.broadcast(&coord, "shutdown", &Payload::parse("{}", 64)?, None, None)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     for c in children.0.iter_mut().skip(topo.teams.len()) {
@@ -249,7 +271,6 @@ fn shoal_rounds(
     drop(children);
     times.sort_by(f64::total_cmp);
     floor_times.sort_by(f64::total_cmp);
-    let rounds = a.rounds.max(1) as f64;
     Ok(Rounds {
         times,
         floor: floor_times,
@@ -260,7 +281,18 @@ fn shoal_rounds(
         },
         cpu_ms: cpu.as_secs_f64() * 1000.0 / rounds,
         messages,
+        agents_cpu_ms,
+        floor_agents_cpu_ms,
     })
+}
+
+/// CPU time all of `children` have run so far (`None` where `/proc` does not say).
+fn children_cpu(children: &Children) -> Option<Duration> {
+    children
+        .0
+        .iter()
+        .map(|c| shoal::sys::process_cpu_time(c.id()))
+        .sum()
 }
 
 /// A scratch directory on tmpfs, removed on drop.

@@ -167,6 +167,15 @@ pub fn cpu_time() -> std::time::Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// CPU time process `pid` has run so far, from `/proc/<pid>/schedstat` (the scheduler's own
+/// count in nanoseconds; the tick-sampled times of `/proc/<pid>/stat` miss processes that run
+/// for microseconds at a time). `None` if the process or the file is not there.
+pub fn process_cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    let ns = text.split_whitespace().next()?.parse().ok()?;
+    Some(std::time::Duration::from_nanos(ns))
+}
+
 /// Raise this process's soft limit on open files to its hard limit: a coordinator talking to
 /// a thousand inboxes keeps a couple of descriptors open for each.
 pub fn raise_fd_limit() {

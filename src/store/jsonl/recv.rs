@@ -57,9 +57,9 @@ enum Outcome {
 }
 
 thread_local! {
-    /// Each thread's per-shard buffers, reused from one receive to the next: a receive then
-    /// allocates nothing for its reading (a fresh kilobyte-sized vector per call made the
-    /// allocator consolidate its free lists every time).
+    /// Each thread's per-shard buffers and list of first deliveries, reused from one receive to
+    /// the next: a receive then allocates nothing for its reading (a fresh kilobyte-sized
+    /// vector per call made the allocator consolidate its free lists every time).
     static SCRATCH: std::cell::RefCell<(Vec<Pending>, Vec<u8>, Vec<Fresh>)> = const {
         std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new()))
     };
