@@ -413,8 +413,28 @@ fn r4_gather_names_the_missing_agents_and_exits_3() {
 
 #[test]
 fn r4_broadcast_reaches_every_agent_once_through_the_hubs() {
-    let t = TestRoot::new("r4-bcast");
-    t.ok(&["topology", "plan", "--agents", "30", "--team-size", "8"]);
+    broadcast_reaches_every_agent_once("jsonl");
+}
+
+/// On the bash bus's layout too: its message files keep `fanout` (they once dropped it, and a
+/// hub took a broadcast for a message to itself).
+#[test]
+fn r4_broadcast_reaches_every_agent_once_through_the_hubs_on_the_compat_layout() {
+    broadcast_reaches_every_agent_once("compat");
+}
+
+fn broadcast_reaches_every_agent_once(layout: &str) {
+    let t = TestRoot::new(&format!("r4-bcast-{layout}"));
+    t.ok(&[
+        "--layout",
+        layout,
+        "topology",
+        "plan",
+        "--agents",
+        "30",
+        "--team-size",
+        "8",
+    ]);
     t.ok(&["init", "coord"]);
     let mut procs = Procs::new();
     // Broadcast before the hubs run: nothing is lost, they fan out when they start.

@@ -505,45 +505,51 @@ pub fn shard_of(from: &AgentId, shards: u32) -> usize {
     (h % u64::from(shards.max(1))) as usize
 }
 
-/// What a receiver has had of routed messages, to drop the duplicates that at-least-once
+/// What a receiver has had of forwarded messages, to drop the duplicates that at-least-once
 /// forwarding by hubs can produce (a hub restarted after forwarding a message but before
-/// acknowledging it forwards it again).
+/// acknowledging it forwards it again). Messages a sender wrote straight into the inbox
+/// (`route` absent or naming only the sender) are never repeated by the store and not tracked.
 ///
 /// * A routed point-to-point message keeps the sequence number it got from its sender, and
 ///   one (from, to) pair always travels one path in order; so a routed message whose sequence
 ///   is not above the highest one delivered in order from that sender is a duplicate.
-/// * A filtered receive can deliver a message while an older one from the same sender is
-///   left in the inbox: the high-water mark then stays below the one left, and the message
-///   delivered ahead of it is remembered by sequence until the mark passes it.
-/// * Copies of a broadcast carry the broadcast's id: the last ids seen are kept.
+/// * A hub's copy of a broadcast carries the broadcast's sequence from its sender to the hub
+///   (`fanout_seq`): the same rule applies per (hub, sender), keyed `<hub>/<sender>` (no agent
+///   id contains `/`).
+/// * A filtered receive can deliver a message while an older one of the same key is left in
+///   the inbox: the high-water mark then stays below the one left, and the message delivered
+///   ahead of it is remembered by sequence until the mark passes it.
+/// * Copies of a broadcast without `fanout_seq` (written by an earlier version) are dropped by
+///   id: the last ids seen are kept.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Dedup {
-    /// Highest routed sequence delivered, per sender, with every lower one delivered too.
+    /// Highest sequence delivered, per key, with every lower one delivered too.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub routed: std::collections::BTreeMap<String, u64>,
-    /// Routed sequences delivered above the high-water mark (ahead of an older message
-    /// still waiting), per sender.
+    /// Sequences delivered above the high-water mark (ahead of an older message still
+    /// waiting), per key.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub ahead: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>>,
-    /// Ids of the last broadcasts delivered.
+    /// Ids of the last broadcast copies without `fanout_seq` delivered.
     #[serde(default, skip_serializing_if = "std::collections::VecDeque::is_empty")]
     pub fanouts: std::collections::VecDeque<String>,
 }
 
 /// Broadcast ids remembered per receiver.
 const FANOUT_MEMORY: usize = 64;
-/// Sequences delivered ahead remembered per sender (the oldest are forgotten past this).
+/// Sequences delivered ahead remembered per key (the oldest are forgotten past this).
 const AHEAD_MEMORY: usize = 4096;
 
 impl Dedup {
-    /// Whether `e` duplicates a routed message already delivered; if not, remember it as
-    /// delivered. `older_waiting`: a routed message from the same sender with a lower
-    /// sequence is still in the inbox, undelivered (a filter left it).
+    /// Whether `e` duplicates a forwarded message already delivered; if not, remember it as
+    /// delivered. `older_waiting`: a message of the same key with a lower sequence is still
+    /// in the inbox, undelivered (a filter left it).
     pub fn seen(&mut self, e: &Envelope, older_waiting: bool) -> bool {
-        if e.route.is_none() {
-            return false; // sent directly: the store never duplicates those
+        if !forwarded(e) {
+            return false; // written by its sender: the store never duplicates those
         }
-        if e.fanout.is_some() {
+        let Some((key, seq)) = Dedup::key(e) else {
+            // A broadcast copy numbered by an earlier version: by id.
             if self.fanouts.iter().any(|id| *id == e.id) {
                 return true;
             }
@@ -552,61 +558,87 @@ impl Dedup {
             }
             self.fanouts.push_back(e.id.clone());
             return false;
-        }
-        let hw = self.routed.get(&e.from).copied().unwrap_or(0);
-        if e.seq <= hw {
+        };
+        let hw = self.routed.get(&*key).copied().unwrap_or(0);
+        if seq <= hw {
             return true;
         }
-        if let Some(ahead) = self.ahead.get_mut(&e.from) {
-            if ahead.contains(&e.seq) {
+        if let Some(ahead) = self.ahead.get_mut(&*key) {
+            if ahead.contains(&seq) {
                 return true;
             }
             if older_waiting {
                 if ahead.len() == AHEAD_MEMORY {
                     ahead.pop_first();
                 }
-                ahead.insert(e.seq);
+                ahead.insert(seq);
                 return false;
             }
-            ahead.retain(|&s| s > e.seq);
+            ahead.retain(|&s| s > seq);
             if ahead.is_empty() {
-                self.ahead.remove(&e.from);
+                self.ahead.remove(&*key);
             }
         } else if older_waiting {
-            self.ahead.entry(e.from.clone()).or_default().insert(e.seq);
+            self.ahead.entry(key.into_owned()).or_default().insert(seq);
             return false;
         }
-        self.routed.insert(e.from.clone(), e.seq);
+        match self.routed.get_mut(&*key) {
+            Some(hw) => *hw = seq,
+            None => {
+                self.routed.insert(key.into_owned(), seq);
+            }
+        }
         false
     }
 
-    /// Whether `e` is a routed point-to-point message that [`Dedup::seen`] tracks by sequence
-    /// (a receive leaving it undelivered passes `older_waiting` for its sender's later ones).
-    pub fn tracks(e: &Envelope) -> bool {
-        e.route.is_some() && e.fanout.is_none()
+    /// What [`Dedup::seen`] tracks `e` by, if by sequence: its key and sequence. `None` for a
+    /// message written by its sender, and for a broadcast copy without `fanout_seq`.
+    pub fn key(e: &Envelope) -> Option<(std::borrow::Cow<'_, str>, u64)> {
+        if !forwarded(e) {
+            return None;
+        }
+        match (
+            &e.fanout,
+            e.fanout_seq,
+            e.route.as_ref().and_then(|r| r.last()),
+        ) {
+            (None, _, _) => Some((std::borrow::Cow::Borrowed(e.from.as_str()), e.seq)),
+            (Some(_), Some(n), Some(hub)) => {
+                Some((std::borrow::Cow::Owned(format!("{hub}/{}", e.from)), n))
+            }
+            _ => None,
+        }
     }
 }
 
-/// The routed messages one receive left in the inbox (its filter did not want them): the
-/// lowest sequence per sender, for [`Dedup::seen`]'s `older_waiting`.
+/// Whether a hub wrote `e` (it names more than its sender in `route`).
+fn forwarded(e: &Envelope) -> bool {
+    e.route.as_ref().is_some_and(|r| r.len() > 1)
+}
+
+/// The forwarded messages one receive left in the inbox (its filter did not want them): the
+/// lowest sequence per [`Dedup::key`], for [`Dedup::seen`]'s `older_waiting`.
 #[derive(Debug, Default)]
 pub(crate) struct LeftBehind(Vec<(String, u64)>);
 
 impl LeftBehind {
     /// `e` stays in the inbox.
     pub(crate) fn note(&mut self, e: &Envelope) {
-        if !Dedup::tracks(e) {
+        let Some((key, seq)) = Dedup::key(e) else {
             return;
-        }
-        match self.0.iter_mut().find(|(f, _)| *f == e.from) {
-            Some((_, s)) => *s = (*s).min(e.seq),
-            None => self.0.push((e.from.clone(), e.seq)),
+        };
+        match self.0.iter_mut().find(|(k, _)| **k == *key) {
+            Some((_, s)) => *s = (*s).min(seq),
+            None => self.0.push((key.into_owned(), seq)),
         }
     }
 
-    /// Whether an older routed message from `e`'s sender was left.
+    /// Whether an older message of `e`'s key was left.
     pub(crate) fn older_than(&self, e: &Envelope) -> bool {
-        self.0.iter().any(|(f, s)| *f == e.from && *s < e.seq)
+        if self.0.is_empty() {
+            return false;
+        }
+        Dedup::key(e).is_some_and(|(key, seq)| self.0.iter().any(|(k, s)| **k == *key && *s < seq))
     }
 }
 
@@ -671,5 +703,62 @@ mod tests {
             "the oldest was forgotten"
         );
         assert!(d.seen(&routed("a", base + 2), false));
+    }
+
+    fn copy(from: &str, hub: &str, id: u64, fanout_seq: Option<u64>) -> Envelope {
+        let n = fanout_seq.map_or(String::new(), |n| format!(r#","fanout_seq":{n}"#));
+        let line = format!(
+            r#"{{"v":1,"id":"msg-1-{id}","from":"{from}","to":"b","type":"t","seq":{id},"ts":1,"route":["{from}","{hub}"],"fanout":"t"{n},"payload":0}}"#
+        );
+        Envelope::parse(line.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn dedup_numbers_broadcast_copies_per_hub_and_sender() {
+        let mut d = Dedup::default();
+        assert!(!d.seen(&copy("c", "h1", 100, Some(7)), false));
+        // Written again by a restarted hub: a new pair sequence, the same broadcast number.
+        assert!(d.seen(&copy("c", "h1", 101, Some(7)), false));
+        assert!(
+            !d.seen(&copy("c", "h1", 102, Some(9)), false),
+            "gaps are fine"
+        );
+        assert!(
+            d.seen(&copy("c", "h1", 103, Some(8)), false),
+            "below the mark"
+        );
+        // Another hub, or another sender through the same hub, numbers on its own.
+        assert!(!d.seen(&copy("c", "h2", 104, Some(1)), false));
+        assert!(!d.seen(&copy("x", "h1", 105, Some(1)), false));
+        // Nor do they mix with the sender's point-to-point sequence.
+        assert!(!d.seen(&routed("c", 1), false));
+        assert_eq!(d.routed["h1/c"], 9);
+        assert_eq!(d.routed["c"], 1);
+        assert!(d.fanouts.is_empty(), "no ids kept for numbered copies");
+        // A copy left by a filter holds the mark below it.
+        let mut left = LeftBehind::default();
+        left.note(&copy("c", "h1", 106, Some(10)));
+        let later = copy("c", "h1", 107, Some(11));
+        assert!(left.older_than(&later));
+        assert!(!d.seen(&later, true));
+        assert!(!d.seen(&copy("c", "h1", 106, Some(10)), false), "still new");
+        assert!(d.seen(&later, false), "delivered ahead, then copied");
+        // Copies without a number (an earlier version's hub) fall back to ids.
+        assert!(!d.seen(&copy("c", "h1", 200, None), false));
+        assert!(d.seen(&copy("c", "h1", 200, None), false));
+        assert_eq!(d.fanouts.len(), 1);
+    }
+
+    #[test]
+    fn dedup_ignores_what_a_sender_wrote_itself() {
+        let mut d = Dedup::default();
+        let line = r#"{"v":1,"id":"msg-1-1","from":"a","to":"hub","type":"t","seq":5,"ts":1,"route":["a"],"fanout":"t","payload":0}"#;
+        let e = Envelope::parse(line.as_bytes()).unwrap();
+        assert!(!d.seen(&e, false));
+        assert!(
+            !d.seen(&e, false),
+            "never repeated by the store: not tracked"
+        );
+        assert_eq!(d, Dedup::default(), "nothing kept for it");
     }
 }
