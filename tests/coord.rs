@@ -738,6 +738,15 @@ fn r4_bench_round_reports_every_field_per_size_and_topology() {
             for f in ["agents_cpu_ms", "floor_agents_cpu_ms"] {
                 assert!(l[f].as_f64().is_some_and(|ms| ms > 0.0), "{f} in {l}");
             }
+            // The hubs' share: all of their forwarding is in it, none in a flat round.
+            let hubs = l["hubs_cpu_ms"].as_f64().unwrap();
+            match l["topology"].as_str().unwrap() {
+                "flat" => assert_eq!(hubs, 0.0, "{l}"),
+                _ => assert!(
+                    hubs > 0.0 && hubs < l["agents_cpu_ms"].as_f64().unwrap(),
+                    "{l}"
+                ),
+            }
         }
     }
     // The coordinator gets one message per team in the hybrid topology (30 agents: 4 teams).

@@ -116,6 +116,7 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
         let mut floor = Floor::start(&exe, n)?;
         for topo in &a.topology {
             let r = shoal_rounds(&exe, n, topo == "hybrid", &a, &mut floor)?;
+            let hybrid = topo == "hybrid";
             let (p50, p95) = (percentile(&r.times, 0.5), percentile(&r.times, 0.95));
             let floor_p50 = percentile(&r.floor, 0.5);
             if a.json {
@@ -132,11 +133,12 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
                     "ratio_to_floor": round2(p50 / floor_p50),
                     "agents_cpu_ms": r.agents_cpu_ms.map(round2),
                     "floor_agents_cpu_ms": r.floor_agents_cpu_ms.map(round2),
+                    "hubs_cpu_ms": r.hubs_cpu_ms.map(round2),
                 });
                 super::out(&format!("{v}\n"))?;
             } else {
                 super::out(&format!(
-                    "{n:>5} agents {topo:<6}: p50 {p50:7.2} ms  p95 {p95:7.2} ms  delivered {:6.2}%  coordinator {:6.2} ms CPU, {} messages/round  | floor p50 {floor_p50:6.2} ms  ({:.2}x){}\n",
+                    "{n:>5} agents {topo:<6}: p50 {p50:7.2} ms  p95 {p95:7.2} ms  delivered {:6.2}%  coordinator {:6.2} ms CPU, {} messages/round  | floor p50 {floor_p50:6.2} ms  ({:.2}x){}{}\n",
                     r.delivered_pct,
                     r.cpu_ms,
                     r.messages,
@@ -146,6 +148,10 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
                             "  | agents {s:.2} ms CPU/round, floor's {f:.2} ({:.2}x)",
                             s / f
                         ),
+                        _ => String::new(),
+                    },
+                    match r.hubs_cpu_ms {
+                        Some(h) if hybrid => format!(", of it hubs {h:.2}"),
                         _ => String::new(),
                     }
                 ))?;
@@ -171,6 +177,8 @@ struct Rounds {
     agents_cpu_ms: Option<f64>,
     /// CPU of the floor's receivers per floor round.
     floor_agents_cpu_ms: Option<f64>,
+    /// Of `agents_cpu_ms`, the hubs' (zero in a flat topology).
+    hubs_cpu_ms: Option<f64>,
 }
 
 /// Rounds through shoal: `n` echo agents (and hubs), a coordinator gathering from them.
@@ -242,8 +250,9 @@ fn shoal_rounds(
         (Vec::new(), 0usize, 0usize, Duration::ZERO, 0);
     let mut floor_times = Vec::with_capacity(a.rounds);
     // Agents only work in their own rounds, so what they ran in between is per round.
-    let agents0 = children_cpu(&children);
-    let floor0 = children_cpu(&floor.children);
+    let agents0 = children_cpu(&children.0);
+    let hubs0 = children_cpu(&children.0[..topo.teams.len()]);
+    let floor0 = children_cpu(&floor.children.0);
     for _ in 0..a.rounds {
         interrupted()?;
         floor_times.push(floor.round()?);
@@ -259,8 +268,9 @@ fn shoal_rounds(
     let per_round = |c0: Option<Duration>, c1: Option<Duration>| {
         Some((c1? - c0?).as_secs_f64() * 1000.0 / rounds)
     };
-    let agents_cpu_ms = per_round(agents0, children_cpu(&children));
-    let floor_agents_cpu_ms = per_round(floor0, children_cpu(&floor.children));
+    let agents_cpu_ms = per_round(agents0, children_cpu(&children.0));
+    let hubs_cpu_ms = per_round(hubs0, children_cpu(&children.0[..topo.teams.len()]));
+    let floor_agents_cpu_ms = per_round(floor0, children_cpu(&floor.children.0));
     mesh.broadcast(&coord, "shutdown", &Payload::parse("{}", 64)?, None, None)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     for c in children.0.iter_mut().skip(topo.teams.len()) {
@@ -283,13 +293,13 @@ fn shoal_rounds(
         messages,
         agents_cpu_ms,
         floor_agents_cpu_ms,
+        hubs_cpu_ms,
     })
 }
 
 /// CPU time all of `children` have run so far (`None` where `/proc` does not say).
-fn children_cpu(children: &Children) -> Option<Duration> {
+fn children_cpu(children: &[Child]) -> Option<Duration> {
     children
-        .0
         .iter()
         .map(|c| shoal::sys::process_cpu_time(c.id()))
         .sum()
