@@ -7,7 +7,8 @@
 //! leases expire, and gets those messages again; whatever it forwards twice, receivers drop by
 //! id or sequence (see [`crate::store::Dedup`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -30,13 +31,16 @@ const MAX_BATCH_PAYLOAD: usize = 64 << 20;
 /// A round the hub is collecting replies for.
 struct Pending {
     coordinator: AgentId,
-    expect: BTreeSet<String>,
+    expect: Rc<BTreeSet<String>>,
     replies: BTreeMap<String, Envelope>,
     /// Message ids held (not acknowledged) until the aggregate is sent: the request and replies.
     hold: Vec<String>,
     /// When to send what there is, milliseconds since the epoch (a little before the deadline).
     flush_at: u64,
 }
+
+/// Per coordinator, the members whose replies to its rounds the hub collects.
+type Collects = HashMap<AgentId, Rc<BTreeSet<String>>>;
 
 /// What a hub did, for its caller to report.
 #[derive(Debug, Default, Clone, Copy)]
@@ -82,6 +86,9 @@ pub fn run(
         ..HubStats::default()
     };
     let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
+    // Whose replies to a coordinator's rounds this hub collects: the same for every round of
+    // that coordinator while the hub runs (its topology is read once, at start).
+    let mut collects = Collects::new();
     let mut waiter = None;
     let target = bus.store().wake_target(&me)?;
     // The futex doorbell, not inotify: senders ring it after updating the counters this wait
@@ -105,7 +112,15 @@ pub fn run(
         let got = bus.recv_with(&me, &opts, &mut waiter)?;
         let mut done: Vec<String> = Vec::new();
         for m in got {
-            handle(mesh, &t, &me, m, &mut pending, &mut done, &mut stats)?;
+            handle(
+                mesh,
+                &t,
+                &me,
+                m,
+                (&mut pending, &mut collects),
+                &mut done,
+                &mut stats,
+            )?;
         }
         let now_ms = now_micros() / 1000;
         let due: Vec<String> = pending
@@ -180,7 +195,7 @@ fn handle(
     team: &super::topology::Team,
     me: &AgentId,
     m: Envelope,
-    pending: &mut BTreeMap<String, Pending>,
+    (pending, collects): (&mut BTreeMap<String, Pending>, &mut Collects),
     done: &mut Vec<String>,
     stats: &mut HubStats,
 ) -> Result<(), CoordError> {
@@ -229,15 +244,18 @@ fn handle(
             // The replies this hub collects: its members' whose way to the coordinator goes
             // through it (not those of a coordinator's own team, nor any with direct delivery
             // between teams).
-            let expect: BTreeSet<String> = match m.gather {
-                Some(_) => team
-                    .members
-                    .iter()
-                    .filter(|a| **a != from)
-                    .filter(|a| matches!(mesh.topology().route(a, &from), Hop::Via(h) if h == *me))
-                    .map(|a| a.to_string())
-                    .collect(),
-                None => BTreeSet::new(),
+            let expect = match m.gather {
+                Some(_) => Rc::clone(collects.entry(from.clone()).or_insert_with(|| {
+                    Rc::new(
+                        team.members
+                            .iter()
+                            .filter(|a| **a != from)
+                            .filter(|a| matches!(mesh.topology().route(a, &from), Hop::Via(h) if h == *me))
+                            .map(|a| a.to_string())
+                            .collect(),
+                    )
+                })),
+                None => Rc::default(),
             };
             if let Some(g) = m.gather.filter(|_| !expect.is_empty()) {
                 let now_ms = now_micros() / 1000;
