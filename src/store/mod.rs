@@ -604,7 +604,12 @@ impl Dedup {
         ) {
             (None, _, _) => Some((std::borrow::Cow::Borrowed(e.from.as_str()), e.seq)),
             (Some(_), Some(n), Some(hub)) => {
-                Some((std::borrow::Cow::Owned(format!("{hub}/{}", e.from)), n))
+                // Not `format!`: this runs for every broadcast copy a member receives.
+                let mut key = String::with_capacity(hub.len() + 1 + e.from.len());
+                key.push_str(hub);
+                key.push('/');
+                key.push_str(&e.from);
+                Some((std::borrow::Cow::Owned(key), n))
             }
             _ => None,
         }
