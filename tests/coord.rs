@@ -470,6 +470,45 @@ fn broadcast_reaches_every_agent_once(layout: &str) {
     }
 }
 
+/// A hub's copies are numbered in its own inbox: removed and created again, it numbers from 1,
+/// below what its members remember, and its broadcasts must still arrive.
+#[test]
+fn r4_a_hub_made_again_numbers_anew_and_its_broadcasts_still_arrive() {
+    let t = TestRoot::new("r4-rehub");
+    t.ok(&["topology", "plan", "--agents", "2", "--team-size", "2"]);
+    t.ok(&["init", "coord"]);
+    let recv_all = |want: usize| -> Vec<Value> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < want && Instant::now() < deadline {
+            let o = t.run(&["recv", &agent(0), "--timeout", "10s", "--ack"]);
+            if code(&o) == 0 {
+                seen.extend(parse_lines(&stdout(&o)));
+            }
+        }
+        seen
+    };
+    {
+        let mut procs = Procs::new();
+        procs.spawn(&t, &["hub", "team-000"]);
+        for i in 0..3 {
+            t.ok(&["broadcast", "coord", &format!("before{i}"), "{}"]);
+        }
+        let got = recv_all(3);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2]["fanout_seq"], 3);
+    } // the hub is killed here
+    t.ok(&["cleanup", "hub-team-000"]);
+    t.ok(&["init", "hub-team-000"]);
+    let mut procs = Procs::new();
+    procs.spawn(&t, &["hub", "team-000"]);
+    t.ok(&["broadcast", "coord", "after", "{}"]);
+    let got = recv_all(1);
+    assert_eq!(got.len(), 1, "the new hub's first broadcast was dropped");
+    assert_eq!(got[0]["type"], "after");
+    assert_eq!(got[0]["fanout_seq"], 1);
+}
+
 #[test]
 fn r4_request_reply_with_a_correlation_id() {
     let t = TestRoot::new("r4-request");

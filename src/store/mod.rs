@@ -515,7 +515,12 @@ pub fn shard_of(from: &AgentId, shards: u32) -> usize {
 ///   is not above the highest one delivered in order from that sender is a duplicate.
 /// * A hub's copy of a broadcast carries the broadcast's sequence from its sender to the hub
 ///   (`fanout_seq`): the same rule applies per (hub, sender), keyed `<hub>/<sender>` (no agent
-///   id contains `/`).
+///   id contains `/`), with one more condition: a copy is only a duplicate if it is also no
+///   newer (`ts`) than the newest copy delivered for that key. Those numbers live in the hub's
+///   inbox, so a hub removed and created again numbers from 1 while its members remember
+///   higher marks; its first copy is then newer than anything delivered, and the key starts
+///   over instead of dropping new broadcasts. (Nothing of the removed inbox can be sent again.
+///   Only a clock stepped back across a hub's re-creation would defeat this.)
 /// * A filtered receive can deliver a message while an older one of the same key is left in
 ///   the inbox: the high-water mark then stays below the one left, and the message delivered
 ///   ahead of it is remembered by sequence until the mark passes it.
@@ -533,6 +538,9 @@ pub struct Dedup {
     /// Ids of the last broadcast copies without `fanout_seq` delivered.
     #[serde(default, skip_serializing_if = "std::collections::VecDeque::is_empty")]
     pub fanouts: std::collections::VecDeque<String>,
+    /// Newest send time (`ts`) delivered, per broadcast-copy key.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub fanout_ts: std::collections::BTreeMap<String, u64>,
 }
 
 /// Broadcast ids remembered per receiver.
@@ -559,11 +567,32 @@ impl Dedup {
             self.fanouts.push_back(e.id.clone());
             return false;
         };
-        let hw = self.routed.get(&*key).copied().unwrap_or(0);
+        let copy = e.fanout.is_some();
+        if copy && self.fanout_ts.get(&*key).is_none_or(|&t| e.ts > t) {
+            // Newer than every copy of this key delivered: not a duplicate, whatever its number
+            // (a re-created hub numbers from 1 again). Marks above it are from the old inbox.
+            let stale = self.routed.get(&*key).is_some_and(|&hw| seq <= hw)
+                || self.ahead.get(&*key).is_some_and(|a| a.contains(&seq));
+            if stale {
+                self.routed.remove(&*key);
+                self.ahead.remove(&*key);
+            }
+        }
+        let dup = self.check(&key, seq, older_waiting);
+        if copy && !dup {
+            let t = self.fanout_ts.entry(key.into_owned()).or_insert(0);
+            *t = (*t).max(e.ts);
+        }
+        dup
+    }
+
+    /// The high-water rule for one key: whether `seq` is a duplicate; if not, remember it.
+    fn check(&mut self, key: &str, seq: u64, older_waiting: bool) -> bool {
+        let hw = self.routed.get(key).copied().unwrap_or(0);
         if seq <= hw {
             return true;
         }
-        if let Some(ahead) = self.ahead.get_mut(&*key) {
+        if let Some(ahead) = self.ahead.get_mut(key) {
             if ahead.contains(&seq) {
                 return true;
             }
@@ -576,16 +605,16 @@ impl Dedup {
             }
             ahead.retain(|&s| s > seq);
             if ahead.is_empty() {
-                self.ahead.remove(&*key);
+                self.ahead.remove(key);
             }
         } else if older_waiting {
-            self.ahead.entry(key.into_owned()).or_default().insert(seq);
+            self.ahead.entry(key.to_string()).or_default().insert(seq);
             return false;
         }
-        match self.routed.get_mut(&*key) {
+        match self.routed.get_mut(key) {
             Some(hw) => *hw = seq,
             None => {
-                self.routed.insert(key.into_owned(), seq);
+                self.routed.insert(key.to_string(), seq);
             }
         }
         false
@@ -710,12 +739,40 @@ mod tests {
         assert!(d.seen(&routed("a", base + 2), false));
     }
 
+    /// A hub's copy; the send time follows the number, as it does for one sender's broadcasts.
     fn copy(from: &str, hub: &str, id: u64, fanout_seq: Option<u64>) -> Envelope {
+        copy_at(from, hub, id, fanout_seq, fanout_seq.unwrap_or(id))
+    }
+
+    fn copy_at(from: &str, hub: &str, id: u64, fanout_seq: Option<u64>, ts: u64) -> Envelope {
         let n = fanout_seq.map_or(String::new(), |n| format!(r#","fanout_seq":{n}"#));
         let line = format!(
-            r#"{{"v":1,"id":"msg-1-{id}","from":"{from}","to":"b","type":"t","seq":{id},"ts":1,"route":["{from}","{hub}"],"fanout":"t"{n},"payload":0}}"#
+            r#"{{"v":1,"id":"msg-1-{id}","from":"{from}","to":"b","type":"t","seq":{id},"ts":{ts},"route":["{from}","{hub}"],"fanout":"t"{n},"payload":0}}"#
         );
         Envelope::parse(line.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn dedup_starts_over_for_a_hub_made_again() {
+        let mut d = Dedup::default();
+        for n in 1..=5 {
+            assert!(!d.seen(&copy_at("c", "h", n, Some(n), 1000 + n), false));
+        }
+        // Copies written again keep their send time: still duplicates.
+        assert!(d.seen(&copy_at("c", "h", 10, Some(3), 1003), false));
+        // Sent by one sender from two processes, numbered against their clock order.
+        assert!(!d.seen(&copy_at("c", "h", 11, Some(6), 1004), false));
+        assert!(d.seen(&copy_at("c", "h", 12, Some(6), 1004), false));
+        // The hub's inbox was removed and made again: its numbers restart at 1, later in time.
+        assert!(!d.seen(&copy_at("c", "h", 20, Some(1), 2000), false));
+        assert!(!d.seen(&copy_at("c", "h", 21, Some(2), 2001), false));
+        assert!(d.seen(&copy_at("c", "h", 22, Some(2), 2001), false));
+        assert_eq!(d.routed["h/c"], 2);
+        assert_eq!(d.fanout_ts["h/c"], 2001);
+        // Also when all that was remembered was a number delivered ahead.
+        let mut d = Dedup::default();
+        assert!(!d.seen(&copy_at("c", "h", 1, Some(3), 1003), true));
+        assert!(!d.seen(&copy_at("c", "h", 2, Some(3), 5000), false));
     }
 
     #[test]
