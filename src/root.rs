@@ -425,10 +425,25 @@ fn looks_like_bash_bus(dir: &Path) -> bool {
 }
 
 /// Make an adopted bash bus private: directories 0700, files 0600 (it made them 755/644).
+///
+/// The marker is already linked, so other processes use the root while this walks it: they
+/// adopt agent directories through `<id>/.shoal-staging-*`, renamed to `<id>/.shoal` or removed
+/// a moment later, consume messages, remove agents. Shoal's own entries (`.shoal*`) are made
+/// private when created and are not walked; anything else listed here and gone before it is
+/// tightened or read has nothing left to make private.
 fn tighten_tree(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for e in fs::read_dir(dir)? {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        // Removed or renamed since its parent was listed: nothing left to tighten.
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    for e in entries {
         let e = e?;
+        if e.file_name().to_string_lossy().starts_with(".shoal") {
+            continue;
+        }
         let t = e.file_type()?;
         if t.is_symlink() {
             continue; // never follow a link planted in the tree

@@ -327,7 +327,13 @@ impl CompatStore {
             }
             for e in fs::read_dir(self.layout.inbox_in(dir))?.flatten() {
                 if e.file_type().is_ok_and(|t| t.is_file()) {
-                    fs::set_permissions(e.path(), fs::Permissions::from_mode(0o600))?;
+                    match fs::set_permissions(e.path(), fs::Permissions::from_mode(0o600)) {
+                        Ok(()) => {}
+                        // Consumed meanwhile, or a sender's temporary file (made 0600) renamed
+                        // into place: others use the inbox as soon as one adoption has won.
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                        Err(err) => return Err(err),
+                    }
                 }
             }
             Ok(())
