@@ -61,9 +61,6 @@ pub struct SendOptions<'a> {
     pub route: Option<&'a [String]>,
     /// Broadcast team (`*` for all): see [`Envelope::fanout`].
     pub fanout: Option<&'a str>,
-    /// A hub's copy of a broadcast: the broadcast's sequence to the hub (see
-    /// [`Envelope::fanout_seq`]).
-    pub fanout_seq: Option<u64>,
     /// Coordination round context: see [`Envelope::gather`].
     pub gather: Option<crate::envelope::Gather>,
     /// Write the message to this agent's inbox (the next hop, a hub) instead of the recipient's.
@@ -270,7 +267,6 @@ impl Bus {
             reply_to: opts.reply_to,
             route: opts.route,
             fanout: opts.fanout,
-            fanout_seq: opts.fanout_seq,
             gather: opts.gather,
             via: opts.via,
             seq: opts.seq,

@@ -16,7 +16,6 @@
 //! | `reply_to` | string, optional | id of the message this one answers (request/reply) |
 //! | `route` | array of strings, optional | agents the message travelled through, sender first |
 //! | `fanout` | string, optional | on a broadcast: the team it goes to (`*` for every team) |
-//! | `fanout_seq` | integer, optional | on a hub's copy of a broadcast: the broadcast's `seq` from its sender to that hub |
 //! | `gather` | object, optional | on a round's request: `{"deadline": <ms since the epoch>}` |
 //! | `payload` | any JSON | the sender's payload, byte for byte (minified only if it spanned lines) |
 //! | `delivery` | integer, output only | how many times this message has been delivered; never stored |
@@ -265,12 +264,6 @@ pub struct Envelope {
     /// On a broadcast: the team it fans out to (`*` for every team).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fanout: Option<String>,
-    /// On a broadcast's copy written by a hub: the sequence number the broadcast had from its
-    /// sender to that hub. A hub's copies to one member rise with it, so a receiver drops a copy
-    /// written again (by a hub restarted before it acknowledged the broadcast) by comparing it
-    /// with the highest it had from that hub and sender (see [`crate::store::Dedup`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fanout_seq: Option<u64>,
     /// On the request of a coordination round: how long hubs collect its replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gather: Option<Gather>,
@@ -330,8 +323,6 @@ pub struct Draft<'a> {
     pub route: Option<&'a [String]>,
     /// Broadcast team (see [`Envelope::fanout`]).
     pub fanout: Option<&'a str>,
-    /// A hub's copy of a broadcast: the broadcast's sequence (see [`Envelope::fanout_seq`]).
-    pub fanout_seq: Option<u64>,
     /// Round context (see [`Envelope::gather`]).
     pub gather: Option<Gather>,
     /// The next hop, whose inbox the message is written to, when that is not `to` (a hub).
@@ -382,10 +373,6 @@ impl Draft<'_> {
         if let Some(f) = self.fanout {
             suffix.extend_from_slice(b",\"fanout\":");
             write_json_str(suffix, f);
-        }
-        if let Some(n) = self.fanout_seq {
-            suffix.extend_from_slice(b",\"fanout_seq\":");
-            suffix.extend_from_slice(itoa(n).as_bytes());
         }
         if let Some(g) = self.gather {
             suffix.extend_from_slice(b",\"gather\":{\"deadline\":");
@@ -615,7 +602,6 @@ mod tests {
             reply_to: Some("msg-0-1"),
             route: Some(&route),
             fanout: Some("team-a"),
-            fanout_seq: Some(41),
             gather: Some(Gather {
                 deadline: 1_795_310_780_000,
             }),
@@ -635,7 +621,6 @@ mod tests {
         assert_eq!(e.reply_to.as_deref(), Some("msg-0-1"));
         assert_eq!(e.route.as_deref(), Some(&route[..]));
         assert_eq!(e.fanout.as_deref(), Some("team-a"));
-        assert_eq!(e.fanout_seq, Some(41));
         assert_eq!(
             e.gather,
             Some(Gather {

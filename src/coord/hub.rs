@@ -218,22 +218,13 @@ fn handle(
     route.push(me.to_string());
     if m.to == me.as_str() {
         if m.fanout.is_some() {
-            // A broadcast for the team: one copy per member, same id, numbered with the
-            // broadcast's sequence from its sender to this hub when it came straight from the
-            // sender (as broadcasts do), so a member drops a copy written again by comparing
-            // numbers instead of remembering ids.
-            let fanout_seq = m
-                .route
-                .as_ref()
-                .is_none_or(|r| r.len() <= 1)
-                .then_some(m.seq);
+            // A broadcast for the team: one copy per member, same id.
             for member in team.members.iter().filter(|a| **a != from) {
                 let opts = SendOptions {
                     id: Some(&m.id),
                     ts: Some(m.ts),
                     route: Some(&route),
                     fanout: m.fanout.as_deref(),
-                    fanout_seq,
                     gather: m.gather,
                     reply_to: m.reply_to.as_deref(),
                     ..SendOptions::default()
@@ -292,7 +283,6 @@ fn handle(
         via,
         reply_to: m.reply_to.as_deref(),
         fanout: m.fanout.as_deref(),
-        fanout_seq: m.fanout_seq,
         gather: m.gather,
     };
     bus.send_with(&from, &to, &m.kind, &payload, &opts)?;

@@ -24,7 +24,7 @@
 //! ```
 //!
 //! followed by a newline. Keys, order and spacing are the bash bus's; `reply_to` and `route`
-//! (and `fanout`, `fanout_seq`, `gather`) are added after `requires_ack` only on messages that carry them. Messages are ordered by
+//! (and `fanout`, `gather`) are added after `requires_ack` only on messages that carry them. Messages are ordered by
 //! `timestamp` (seconds, taken under the inbox lock), then `sequence`, then file name: the bash
 //! bus's order.
 
@@ -77,9 +77,6 @@ pub fn bash_message(e: &Envelope) -> String {
     if let Some(f) = &e.fanout {
         out.push_str(&format!(",\n  \"fanout\": {}", s(f)));
     }
-    if let Some(n) = e.fanout_seq {
-        out.push_str(&format!(",\n  \"fanout_seq\": {n}"));
-    }
     if let Some(g) = e.gather {
         out.push_str(&format!(
             ",\n  \"gather\": {{\"deadline\": {}}}",
@@ -108,8 +105,6 @@ struct BashMessage {
     #[serde(default)]
     fanout: Option<String>,
     #[serde(default)]
-    fanout_seq: Option<u64>,
-    #[serde(default)]
     gather: Option<crate::envelope::Gather>,
 }
 
@@ -127,7 +122,6 @@ pub fn parse_bash_message(bytes: &[u8]) -> serde_json::Result<Envelope> {
         reply_to: m.reply_to,
         route: m.route,
         fanout: m.fanout,
-        fanout_seq: m.fanout_seq,
         gather: m.gather,
         payload: m.payload,
         delivery: None,
@@ -901,7 +895,6 @@ fn write_message(
         reply_to: d.reply_to.map(str::to_owned),
         route: d.route.map(<[String]>::to_vec),
         fanout: d.fanout.map(str::to_owned),
-        fanout_seq: d.fanout_seq,
         gather: d.gather,
         payload: RawValue::from_string(d.payload.as_str().to_owned()).map_err(|e| {
             SendError::Io {
@@ -978,7 +971,7 @@ mod tests {
     /// into a compat inbox is still a broadcast, numbered, with its round's deadline.
     #[test]
     fn message_files_keep_routing_fields() {
-        let line = r#"{"v":1,"id":"msg-1-2","from":"coord","to":"hub-a","type":"ping","seq":3,"ts":4000000,"reply_to":"msg-0-1","route":["coord","hub-a"],"fanout":"a","fanout_seq":9,"gather":{"deadline":5},"payload":{"x":[1,2]}}"#;
+        let line = r#"{"v":1,"id":"msg-1-2","from":"coord","to":"hub-a","type":"ping","seq":3,"ts":4000000,"reply_to":"msg-0-1","route":["coord","hub-a"],"fanout":"a","gather":{"deadline":5},"payload":{"x":[1,2]}}"#;
         let e = Envelope::parse(line.as_bytes()).unwrap();
         let back = parse_bash_message(bash_message(&e).as_bytes()).unwrap();
         assert_eq!(back.to_line(), e.to_line());

@@ -368,15 +368,6 @@ impl SlotState for RecvState {
             }
             out.push(b']');
         }
-        if !d.fanout_ts.is_empty() {
-            out.extend_from_slice(b",\"fanout_ts\":{");
-            for (i, (k, v)) in d.fanout_ts.iter().enumerate() {
-                comma(out, i);
-                write_json_str(out, k);
-                num(out, b":", *v);
-            }
-            out.push(b'}');
-        }
         out.push(b'}');
     }
 
@@ -498,13 +489,11 @@ mod tests {
                 0..3,
             ),
             prop::collection::vec_deque(text, 0..3),
-            prop::collection::btree_map(text, any::<u64>(), 0..3),
         )
-            .prop_map(|(routed, ahead, fanouts, fanout_ts)| crate::store::Dedup {
+            .prop_map(|(routed, ahead, fanouts)| crate::store::Dedup {
                 routed,
                 ahead,
                 fanouts,
-                fanout_ts,
             });
         (
             any::<u32>(),
