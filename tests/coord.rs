@@ -109,6 +109,19 @@ fn repliers(r: &Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// Receive and acknowledge `who`'s messages until `want` have come (or 20 s have passed).
+fn recv_until(t: &TestRoot, who: &str, want: usize) -> Vec<Value> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < want && Instant::now() < deadline {
+        let o = t.run(&["recv", who, "--timeout", "5s", "--ack"]);
+        if code(&o) == 0 {
+            seen.extend(parse_lines(&stdout(&o)));
+        }
+    }
+    seen
+}
+
 fn all_agents(n: usize) -> BTreeSet<String> {
     (0..n).map(agent).collect()
 }
@@ -445,15 +458,8 @@ fn broadcast_reaches_every_agent_once(layout: &str) {
     start_team(&t, &mut procs, 0, &[]);
     for i in 0..30 {
         let a = agent(i);
-        let mut seen = Vec::new();
         let want = if (8..16).contains(&i) { 2 } else { 1 };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while seen.len() < want && Instant::now() < deadline {
-            let o = t.run(&["recv", &a, "--timeout", "10s", "--ack"]);
-            if code(&o) == 0 {
-                seen.extend(parse_lines(&stdout(&o)));
-            }
-        }
+        let seen = recv_until(&t, &a, want);
         let ids: Vec<&str> = seen.iter().map(|m| m["id"].as_str().unwrap()).collect();
         let mut expect = vec![id.as_str()];
         if want == 2 {
@@ -477,17 +483,7 @@ fn r4_a_hub_made_again_gets_its_broadcasts_through() {
     let t = TestRoot::new("r4-rehub");
     t.ok(&["topology", "plan", "--agents", "2", "--team-size", "2"]);
     t.ok(&["init", "coord"]);
-    let recv_all = |want: usize| -> Vec<Value> {
-        let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while seen.len() < want && Instant::now() < deadline {
-            let o = t.run(&["recv", &agent(0), "--timeout", "10s", "--ack"]);
-            if code(&o) == 0 {
-                seen.extend(parse_lines(&stdout(&o)));
-            }
-        }
-        seen
-    };
+    let recv_all = |want: usize| recv_until(&t, &agent(0), want);
     {
         let mut procs = Procs::new();
         procs.spawn(&t, &["hub", "team-000"]);
@@ -525,14 +521,7 @@ fn r4_one_sender_to_two_members_of_a_team_through_hubs_loses_nothing() {
         t.ok(&["send", from, &agent(5), "t", r#"{"i":9}"#]);
     }
     for (to, want) in [(agent(4), 6), (agent(5), 2)] {
-        let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while seen.len() < want && Instant::now() < deadline {
-            let o = t.run(&["recv", &to, "--timeout", "5s", "--ack"]);
-            if code(&o) == 0 {
-                seen.extend(parse_lines(&stdout(&o)));
-            }
-        }
+        let seen = recv_until(&t, &to, want);
         assert_eq!(seen.len(), want, "{to} got {seen:?}");
     }
 }
