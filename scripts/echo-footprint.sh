@@ -7,8 +7,12 @@
 # number of distinct data lines per message predicts the agents' CPU far better than the
 # instruction count, and, unlike timings on this machine, it is exact and repeatable.
 #
-#   scripts/echo-footprint.sh [--layout scripts/hot-text.ld] [path/to/shoal]
+#   scripts/echo-footprint.sh [--layout scripts/hot-text.ld] [--hybrid] [path/to/shoal]
 #                                                  (default: target/release/shoal)
+#
+# --hybrid: the echo agent is a member of a team whose hub runs, and the messages are the
+# requests of coordination rounds (`shoal gather`), fanned out by the hub; replies go back
+# through it. Without it, plain requests straight to the agent.
 #
 # With --layout it also writes the linker script that places the functions one message runs
 # side by side at the start of the executable's code (see build.rs); regenerate it when the
@@ -16,7 +20,7 @@
 #
 # Needs valgrind and python3, and the default non-PIE build: lines are sorted into stack,
 # binary and heap by the addresses valgrind gives them there. Takes ~30 s. Prints one line per
-# message (after warm-up) and a breakdown of the data lines of one message by the function
+# message (the last eight) and a breakdown of the data lines of one message by the function
 # that first touched them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,19 +29,43 @@ if [ "${1:-}" = "--layout" ]; then
     layout="$(readlink -f "$2")"
     shift 2
 fi
+hybrid=""
+if [ "${1:-}" = "--hybrid" ]; then
+    hybrid=1
+    shift
+fi
 bin="${1:-target/release/shoal}"
 bin="$(readlink -f "$bin")"
 work="$(mktemp -d /dev/shm/shoal-footprint.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 export SHOAL_ROOT="$work/root"
-"$bin" init me >/dev/null
-"$bin" init ag >/dev/null
 n=30
-valgrind --tool=lackey --trace-mem=yes --log-file="$work/trace" "$bin" echo ag --count "$n" &
+if [ -n "$hybrid" ]; then
+    # Enough rounds for the receiver state to hold as many broadcast ids as it keeps.
+    n=90
+    # One team of two with its hub; the coordinator outside it.
+    "$bin" topology plan --agents 2 --team-size 2 >/dev/null
+    "$bin" init me >/dev/null
+    ag=agent-0000
+    "$bin" hub team-000 &
+    others=$!
+    "$bin" echo agent-0001 &
+    others="$others $!"
+    trap 'kill $others 2>/dev/null; rm -rf "$work"' EXIT
+else
+    "$bin" init me >/dev/null
+    ag=ag
+    "$bin" init "$ag" >/dev/null
+fi
+valgrind --tool=lackey --trace-mem=yes --log-file="$work/trace" "$bin" echo "$ag" --count "$n" &
 echo_pid=$!
 sleep 3
 for _ in $(seq 1 "$n"); do
-    "$bin" request me ag ping '{"task":"ping"}' --timeout 30s >/dev/null
+    if [ -n "$hybrid" ]; then
+        "$bin" gather me ping '{"task":"ping"}' --timeout 30s >/dev/null
+    else
+        "$bin" request me "$ag" ping '{"task":"ping"}' --timeout 30s >/dev/null
+    fi
 done
 wait "$echo_pid"
 # A message's window starts where the receive starts.
@@ -86,7 +114,7 @@ windows = windows[5:]  # warm-up
 if not windows:
     sys.exit("no messages traced")
 print("per message: instructions, code lines, code pages, data lines, data pages")
-for w in windows[:8]:
+for w in windows[-8:]:  # the last: the receiver state has grown to its steady size
     print(w["n"], len(w["code"]), len({l >> 6 for l in w["code"]}),
           len(w["data"]), len({l >> 6 for l in w["data"]}))
 w = windows[len(windows) // 2]

@@ -115,8 +115,8 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
         }
         let mut floor = Floor::start(&exe, n)?;
         for topo in &a.topology {
-            let r = shoal_rounds(&exe, n, topo == "hybrid", &a, &mut floor)?;
             let hybrid = topo == "hybrid";
+            let r = shoal_rounds(&exe, n, hybrid, &a, &mut floor)?;
             let (p50, p95) = (percentile(&r.times, 0.5), percentile(&r.times, 0.95));
             let floor_p50 = percentile(&r.floor, 0.5);
             if a.json {
