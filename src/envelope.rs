@@ -36,6 +36,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+mod canonical;
+
 /// Envelope format version written by this build.
 pub const ENVELOPE_VERSION: u32 = 1;
 
@@ -277,10 +279,16 @@ pub struct Envelope {
 impl Envelope {
     /// Parse one stored line (without its trailing newline).
     ///
+    /// A line as this build writes it is read by a parser for that one shape, several times
+    /// faster; any other line gets the general JSON parse, with the same result.
+    ///
     /// # Errors
     /// The JSON error when the line is not an envelope.
     pub fn parse(line: &[u8]) -> serde_json::Result<Envelope> {
-        serde_json::from_slice(line)
+        match canonical::parse(line) {
+            Some(e) => Ok(e),
+            None => serde_json::from_slice(line),
+        }
     }
 
     /// Send time in whole seconds since the Unix epoch.
