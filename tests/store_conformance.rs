@@ -306,6 +306,42 @@ fn r2_counts_sent_and_lists_agents() {
     });
 }
 
+/// Listings of the agents directory are reused while it is unchanged: one made long after the
+/// last change, then agents created and removed, by this handle and by another.
+#[test]
+fn r2_a_reused_agent_listing_still_sees_every_change() {
+    each_layout("listing", |bus, t| {
+        let dir = bus.root().layout().agents_dir();
+        let age = |secs| {
+            let then = std::time::SystemTime::now() - Duration::from_secs(secs);
+            std::fs::File::open(&dir)
+                .unwrap()
+                .set_modified(then)
+                .unwrap();
+        };
+        let names = |b: &Bus| -> Vec<String> {
+            let ids = b.store().agents().unwrap();
+            ids.iter().map(|a| a.to_string()).collect()
+        };
+        let other = Bus::open(Root::open(&t.root()).unwrap()).unwrap();
+        bus.init(&id("a")).unwrap();
+        bus.init(&id("b")).unwrap();
+        age(60);
+        assert_eq!(names(bus), ["a", "b"]);
+        assert_eq!(names(bus), ["a", "b"], "the settled listing, reused");
+        other.init(&id("c")).unwrap();
+        assert_eq!(names(bus), ["a", "b", "c"], "created by another handle");
+        age(60);
+        assert_eq!(names(bus), ["a", "b", "c"]);
+        other.remove(&id("a")).unwrap();
+        assert_eq!(names(bus), ["b", "c"], "removed by another handle");
+        // A change right after a listing, within the clock's tick: still seen.
+        assert_eq!(names(&other), ["b", "c"]);
+        bus.init(&id("d")).unwrap();
+        assert_eq!(names(&other), ["b", "c", "d"]);
+    });
+}
+
 #[test]
 fn r2_removal_and_recreation_are_seen_by_other_handles() {
     each_layout("recreate", |bus, t| {
