@@ -48,10 +48,14 @@ struct Listing {
 }
 
 /// How long after the agents directory last changed a listing of it may be reused. Agents come
-/// and go by renames in that directory, each setting its modification time, but from a clock
-/// that may run a tick behind the system's (and in whole seconds on some filesystems): a
-/// listing taken this long after the last change can tell any later change by the time.
-const LISTING_SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+/// and go by renames in that directory, each setting its modification time from a clock that
+/// may run up to a tick (1-10 ms) behind the system's: a listing taken this long after the
+/// last change can tell any later change by the time.
+const LISTING_SETTLED: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The same on a filesystem whose times look whole-second (no nanoseconds), where a change
+/// later in the same second would keep the time.
+const LISTING_SETTLED_COARSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One agent's open inbox: its meta mapping and lazily opened shard files. Cached per process.
 #[derive(Debug)]
@@ -284,9 +288,15 @@ impl Store for JsonlStore {
             .filter_map(|e| AgentId::new(&e.file_name().to_string_lossy()).ok())
             .collect();
         out.sort();
-        let settled = now
-            .duration_since(mtime)
-            .is_ok_and(|age| age >= LISTING_SETTLED);
+        let whole_seconds = mtime
+            .duration_since(std::time::UNIX_EPOCH)
+            .is_ok_and(|t| t.subsec_nanos() == 0);
+        let margin = if whole_seconds {
+            LISTING_SETTLED_COARSE
+        } else {
+            LISTING_SETTLED
+        };
+        let settled = now.duration_since(mtime).is_ok_and(|age| age >= margin);
         *cached = settled.then(|| Listing {
             mtime,
             ids: out.clone(),
