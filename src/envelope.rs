@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 mod canonical;
+pub(crate) use canonical::batch_replies;
 
 /// Envelope format version written by this build.
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -296,6 +297,22 @@ impl Envelope {
         self.ts / 1_000_000
     }
 
+    /// Append the envelope as it is stored (the line [`Draft::encode_parts`] writes, without
+    /// `delivery` and without a newline). For a parsed line that is the line itself.
+    pub fn write_stored(&self, out: &mut Vec<u8>) {
+        write_head(out, &self.id, Any(&self.from), Any(&self.to), &self.kind);
+        out.extend_from_slice(itoa(self.seq).as_bytes());
+        write_tail(
+            out,
+            self.ts,
+            self.reply_to.as_deref(),
+            self.route.as_deref(),
+            self.fanout.as_deref(),
+            self.gather,
+            self.payload.get(),
+        );
+    }
+
     /// The envelope as one JSON line, without a newline.
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
@@ -351,52 +368,101 @@ impl Draft<'_> {
     pub fn encode_parts(&self, prefix: &mut Vec<u8>, suffix: &mut Vec<u8>) {
         prefix.clear();
         suffix.clear();
-        prefix.extend_from_slice(b"{\"v\":");
-        prefix.extend_from_slice(itoa(u64::from(ENVELOPE_VERSION)).as_bytes());
-        prefix.extend_from_slice(b",\"id\":");
-        write_json_str(prefix, &self.id);
-        prefix.extend_from_slice(b",\"from\":\"");
-        prefix.extend_from_slice(self.from.as_str().as_bytes()); // ids need no escaping
-        prefix.extend_from_slice(b"\",\"to\":\"");
-        prefix.extend_from_slice(self.to.as_str().as_bytes());
-        prefix.extend_from_slice(b"\",\"type\":");
-        write_json_str(prefix, self.kind);
-        prefix.extend_from_slice(b",\"seq\":");
-        suffix.extend_from_slice(b",\"ts\":");
-        suffix.extend_from_slice(itoa(self.ts).as_bytes());
-        if let Some(r) = self.reply_to {
-            suffix.extend_from_slice(b",\"reply_to\":");
-            write_json_str(suffix, r);
-        }
-        if let Some(route) = self.route {
-            suffix.extend_from_slice(b",\"route\":[");
-            for (i, hop) in route.iter().enumerate() {
-                if i > 0 {
-                    suffix.push(b',');
-                }
-                write_json_str(suffix, hop);
-            }
-            suffix.push(b']');
-        }
-        if let Some(f) = self.fanout {
-            suffix.extend_from_slice(b",\"fanout\":");
-            write_json_str(suffix, f);
-        }
-        if let Some(g) = self.gather {
-            suffix.extend_from_slice(b",\"gather\":{\"deadline\":");
-            suffix.extend_from_slice(itoa(g.deadline).as_bytes());
-            suffix.push(b'}');
-        }
-        suffix.extend_from_slice(b",\"payload\":");
-        suffix.extend_from_slice(self.payload.as_str().as_bytes());
-        suffix.extend_from_slice(b"}\n");
+        write_head(
+            prefix,
+            &self.id,
+            Plain(self.from.as_str()), // ids need no escaping
+            Plain(self.to.as_str()),
+            self.kind,
+        );
+        write_tail(
+            suffix,
+            self.ts,
+            self.reply_to,
+            self.route,
+            self.fanout,
+            self.gather,
+            self.payload.as_str(),
+        );
+        suffix.push(b'\n');
     }
 }
 
+/// A string known to need no JSON escaping (a validated agent id), or one that may.
+enum Text<'a> {
+    Plain(&'a str),
+    Any(&'a str),
+}
+use Text::{Any, Plain};
+
+/// The stored line up to the sequence number's value: `{"v":1,"id":..,"type":..,"seq":`.
+fn write_head(out: &mut Vec<u8>, id: &str, from: Text<'_>, to: Text<'_>, kind: &str) {
+    let text = |out: &mut Vec<u8>, t: Text<'_>| match t {
+        Plain(s) => {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        }
+        Any(s) => write_json_str(out, s),
+    };
+    out.extend_from_slice(b"{\"v\":");
+    out.extend_from_slice(itoa(u64::from(ENVELOPE_VERSION)).as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    write_json_str(out, id);
+    out.extend_from_slice(b",\"from\":");
+    text(out, from);
+    out.extend_from_slice(b",\"to\":");
+    text(out, to);
+    out.extend_from_slice(b",\"type\":");
+    write_json_str(out, kind);
+    out.extend_from_slice(b",\"seq\":");
+}
+
+/// The stored line after the sequence number, without the newline.
+fn write_tail(
+    out: &mut Vec<u8>,
+    ts: u64,
+    reply_to: Option<&str>,
+    route: Option<&[String]>,
+    fanout: Option<&str>,
+    gather: Option<Gather>,
+    payload: &str,
+) {
+    out.extend_from_slice(b",\"ts\":");
+    out.extend_from_slice(itoa(ts).as_bytes());
+    if let Some(r) = reply_to {
+        out.extend_from_slice(b",\"reply_to\":");
+        write_json_str(out, r);
+    }
+    if let Some(route) = route {
+        out.extend_from_slice(b",\"route\":[");
+        for (i, hop) in route.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_str(out, hop);
+        }
+        out.push(b']');
+    }
+    if let Some(f) = fanout {
+        out.extend_from_slice(b",\"fanout\":");
+        write_json_str(out, f);
+    }
+    if let Some(g) = gather {
+        out.extend_from_slice(b",\"gather\":{\"deadline\":");
+        out.extend_from_slice(itoa(g.deadline).as_bytes());
+        out.push(b'}');
+    }
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(payload.as_bytes());
+    out.push(b'}');
+}
+
 pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
+    let plain = !s.bytes().fold(false, |escape, b| {
+        escape | (b < 0x20) | (b >= 0x7f) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
         // Printable ASCII without quote or backslash: nothing to escape (ids, common types).
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -510,6 +576,23 @@ impl Payload {
         cap: usize,
     ) -> Result<Payload, PayloadError> {
         let text = serde_json::to_string(value).map_err(PayloadError::NotJson)?;
+        if text.len() > cap {
+            return Err(PayloadError::TooLarge {
+                size: text.len(),
+                cap,
+            });
+        }
+        Ok(Payload(text))
+    }
+
+    /// A payload this crate wrote itself, as one line of JSON (a hub's aggregate): only the
+    /// size is checked.
+    ///
+    /// # Errors
+    /// [`PayloadError::TooLarge`] over `cap`.
+    pub(crate) fn from_written(text: String, cap: usize) -> Result<Payload, PayloadError> {
+        debug_assert!(serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok());
+        debug_assert!(!text.contains('\n'));
         if text.len() > cap {
             return Err(PayloadError::TooLarge {
                 size: text.len(),

@@ -315,9 +315,12 @@ impl Mesh {
             };
             for m in got {
                 if m.kind == BATCH_TYPE {
-                    if let Ok(batch) = serde_json::from_str::<BatchPayload>(m.payload.get()) {
-                        batch.replies.into_iter().for_each(&mut tally);
-                    }
+                    let replies = crate::envelope::batch_replies(m.payload.get()).or_else(|| {
+                        serde_json::from_str::<BatchPayload>(m.payload.get())
+                            .ok()
+                            .map(|b| b.replies)
+                    });
+                    replies.into_iter().flatten().for_each(&mut tally);
                 } else {
                     tally(m);
                 }

@@ -21,83 +21,34 @@ use super::{Envelope, Gather};
 pub(super) fn parse(line: &[u8]) -> Option<Envelope> {
     // Checked once: every slice taken below starts and ends next to an ASCII delimiter, so it
     // is valid UTF-8 too.
-    let text = std::str::from_utf8(line).ok()?;
-    let mut c = Cursor {
-        b: line,
-        text,
-        i: 0,
-    };
-    c.lit(b"{\"v\":")?;
-    let v = u32::try_from(c.num()?).ok()?;
-    c.lit(b",\"id\":")?;
-    let id = c.string()?;
-    c.lit(b",\"from\":")?;
-    let from = c.string()?;
-    c.lit(b",\"to\":")?;
-    let to = c.string()?;
-    c.lit(b",\"type\":")?;
-    let kind = c.string()?;
-    c.lit(b",\"seq\":")?;
-    let seq = c.num()?;
-    c.lit(b",\"ts\":")?;
-    let ts = c.num()?;
-    let reply_to = if c.maybe(b",\"reply_to\":") {
-        Some(c.string()?)
-    } else {
-        None
-    };
-    let route = if c.maybe(b",\"route\":[") {
-        let mut hops = Vec::new();
-        if !c.maybe(b"]") {
-            loop {
-                hops.push(c.string()?);
-                if c.maybe(b"]") {
-                    break;
-                }
-                c.lit(b",")?;
-            }
-        }
-        Some(hops)
-    } else {
-        None
-    };
-    let fanout = if c.maybe(b",\"fanout\":") {
-        Some(c.string()?)
-    } else {
-        None
-    };
-    let gather = if c.maybe(b",\"gather\":{\"deadline\":") {
-        let deadline = c.num()?;
-        c.lit(b"}")?;
-        Some(Gather { deadline })
-    } else {
-        None
-    };
-    c.lit(b",\"payload\":")?;
-    // The payload runs to the object's closing brace, the line's last byte. Whitespace around
-    // it would not be part of the general parse's raw value: leave such lines to it.
-    let raw = line.get(c.i..line.len().checked_sub(1)?)?;
-    if *line.last()? != b'}' || is_space(*raw.first()?) || is_space(*raw.last()?) {
-        return None;
-    }
-    // One JSON value (checked here as the general parse checks it) followed by the brace: the
-    // line is that object, with these keys and no others.
-    let payload = RawValue::from_string(text.get(c.i..line.len() - 1)?.to_owned()).ok()?;
-    Some(Envelope {
-        v,
-        id,
-        from,
-        to,
-        kind,
-        seq,
-        ts,
-        reply_to,
-        route,
-        fanout,
-        gather,
-        payload,
-        delivery: None,
-    })
+    let mut c = Cursor::new(std::str::from_utf8(line).ok()?);
+    let e = c.envelope()?;
+    c.end()?;
+    Some(e)
+}
+
+/// The replies of a hub's aggregate (a [`BATCH_TYPE`] payload) if it has the shape hubs write:
+/// `{"request":..,"team":..,"replies":[<envelope>,..],"missing":[<id>,..]}`, every envelope
+/// canonical. `None` for anything else; the general parse then decides.
+///
+/// [`BATCH_TYPE`]: crate::coord::round::BATCH_TYPE
+pub(crate) fn batch_replies(payload: &str) -> Option<Vec<Envelope>> {
+    let mut c = Cursor::new(payload);
+    c.lit(b"{\"request\":")?;
+    c.skip_string()?;
+    c.lit(b",\"team\":")?;
+    c.skip_string()?;
+    c.lit(b",\"replies\":[")?;
+    let mut replies = Vec::new();
+    c.list(|c| {
+        replies.push(c.envelope()?);
+        Some(())
+    })?;
+    c.lit(b",\"missing\":[")?;
+    c.list(Cursor::skip_string)?;
+    c.lit(b"}")?;
+    c.end()?;
+    Some(replies)
 }
 
 fn is_space(b: u8) -> bool {
@@ -111,7 +62,111 @@ struct Cursor<'a> {
     i: usize,
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
+    fn new(text: &'a str) -> Cursor<'a> {
+        Cursor {
+            b: text.as_bytes(),
+            text,
+            i: 0,
+        }
+    }
+
+    /// Nothing left.
+    fn end(&self) -> Option<()> {
+        (self.i == self.b.len()).then_some(())
+    }
+
+    /// One envelope object, keys in the written order, ending after its closing brace.
+    fn envelope(&mut self) -> Option<Envelope> {
+        self.lit(b"{\"v\":")?;
+        let v = u32::try_from(self.num()?).ok()?;
+        self.lit(b",\"id\":")?;
+        let id = self.string()?;
+        self.lit(b",\"from\":")?;
+        let from = self.string()?;
+        self.lit(b",\"to\":")?;
+        let to = self.string()?;
+        self.lit(b",\"type\":")?;
+        let kind = self.string()?;
+        self.lit(b",\"seq\":")?;
+        let seq = self.num()?;
+        self.lit(b",\"ts\":")?;
+        let ts = self.num()?;
+        let reply_to = if self.maybe(b",\"reply_to\":") {
+            Some(self.string()?)
+        } else {
+            None
+        };
+        let route = if self.maybe(b",\"route\":[") {
+            let mut hops = Vec::new();
+            self.list(|c| {
+                hops.push(c.string()?);
+                Some(())
+            })?;
+            Some(hops)
+        } else {
+            None
+        };
+        let fanout = if self.maybe(b",\"fanout\":") {
+            Some(self.string()?)
+        } else {
+            None
+        };
+        let gather = if self.maybe(b",\"gather\":{\"deadline\":") {
+            let deadline = self.num()?;
+            self.lit(b"}")?;
+            Some(Gather { deadline })
+        } else {
+            None
+        };
+        self.lit(b",\"payload\":")?;
+        let payload = self.raw_value()?;
+        self.lit(b"}")?;
+        Some(Envelope {
+            v,
+            id,
+            from,
+            to,
+            kind,
+            seq,
+            ts,
+            reply_to,
+            route,
+            fanout,
+            gather,
+            payload,
+            delivery: None,
+        })
+    }
+
+    /// One JSON value, checked as the general parse checks it. Whitespace before it is left
+    /// to the general parse (whose raw value would not include it); whitespace after it
+    /// fails the literal that follows.
+    fn raw_value(&mut self) -> Option<Box<RawValue>> {
+        let rest = self.b.get(self.i..)?;
+        if is_space(*rest.first()?) {
+            return None;
+        }
+        let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Box<RawValue>>();
+        let value = values.next()?.ok()?;
+        self.i += values.byte_offset();
+        Some(value)
+    }
+
+    /// The rest of a `[`-opened list: `]`, or items separated by `,` and closed by `]`.
+    fn list(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        if self.maybe(b"]") {
+            return Some(());
+        }
+        loop {
+            item(self)?;
+            if self.maybe(b"]") {
+                return Some(());
+            }
+            self.lit(b",")?;
+        }
+    }
+
     /// Exactly `s` next.
     fn lit(&mut self, s: &[u8]) -> Option<()> {
         self.maybe(s).then_some(())
@@ -151,8 +206,18 @@ impl Cursor<'_> {
         Some(n)
     }
 
-    /// A string without escapes: bytes other than `"`, `\` and control characters.
+    /// A string without escapes: bytes other than `"`, `\\` and control characters.
     fn string(&mut self) -> Option<String> {
+        let (start, len) = self.string_span()?;
+        Some(self.text.get(start..start + len)?.to_owned())
+    }
+
+    fn skip_string(&mut self) -> Option<()> {
+        self.string_span().map(|_| ())
+    }
+
+    /// Where the string's text starts and how long it is; the cursor moves past it.
+    fn string_span(&mut self) -> Option<(usize, usize)> {
         self.lit(b"\"")?;
         let start = self.i;
         let len = memchr::memchr(b'"', &self.b[start..])?;
@@ -163,7 +228,7 @@ impl Cursor<'_> {
             return None;
         }
         self.i += len + 1;
-        Some(self.text.get(start..start + len)?.to_owned())
+        Some((start, len))
     }
 }
 
@@ -335,6 +400,10 @@ mod tests {
                 && reply_to.as_deref().is_none_or(plain)
                 && fanout.as_deref().is_none_or(plain)
                 && route.iter().flatten().all(|s| plain(s));
+            // Written back as stored, it is the line again.
+            let mut back = Vec::new();
+            want.write_stored(&mut back);
+            prop_assert_eq!(&back, &line);
             match parse(&line) {
                 Some(fast) => prop_assert!(same(&fast, &want)),
                 None => prop_assert!(!all_plain, "plain line refused: {}", String::from_utf8_lossy(&line)),
