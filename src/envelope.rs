@@ -459,9 +459,7 @@ fn write_tail(
 }
 
 pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    let plain = !s.bytes().fold(false, |escape, b| {
-        escape | (b < 0x20) | (b >= 0x7f) | (b == b'"') | (b == b'\\')
-    });
+    let plain = !needs_escape(s.as_bytes());
     if plain {
         // Printable ASCII without quote or backslash: nothing to escape (ids, common types).
         out.push(b'"');
@@ -471,6 +469,38 @@ pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
         // serde_json's escaping; writing into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, s);
     }
+}
+
+/// Whether `s` has a byte that is not printable ASCII, or a quote or backslash: eight bytes at
+/// a time (ids are 25-35 bytes; a byte loop over a receiver state's 16 broadcast ids was a
+/// sixth of a hybrid echo agent's instructions).
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // The high bit of a byte of the result is set if that byte of `w` is below `n` (n <= 0x80)
+    // or has its own high bit set, and no byte of the result is set if none is: exact for
+    // "is there one".
+    fn below(w: u64, n: u8) -> u64 {
+        w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH
+    }
+    fn word(w: u64) -> bool {
+        let zero = |x: u64| below(x, 1);
+        (below(w, 0x20) | (w & HIGH) | zero(w ^ (ONES * 0x7f)) | zero(w ^ (ONES * u64::from(b'"'))))
+            | zero(w ^ (ONES * u64::from(b'\\')))
+            != 0
+    }
+    let load = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+    if s.len() < 8 {
+        return s
+            .iter()
+            .any(|&b| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\');
+    }
+    let mut chunks = s.chunks_exact(8);
+    if chunks.by_ref().any(|c| word(load(c))) {
+        return true;
+    }
+    // The last 8 bytes, overlapping what was checked: covers the remainder.
+    !chunks.remainder().is_empty() && word(load(&s[s.len() - 8..]))
 }
 
 /// Why a message type is rejected.
@@ -655,6 +685,36 @@ mod tests {
             for n in [n, n % 10u64.pow(digits)] {
                 let (ours, std) = (itoa(n), n.to_string());
                 prop_assert_eq!(ours.as_bytes(), std.as_bytes());
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn needs_escape_is_exactly_the_bytes_json_would_escape(s in "[ -~\\x00-\\x1f\\x7f\u{80}-\u{7ff}]{0,40}") {
+            let slow = s.bytes().any(|b| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\');
+            prop_assert_eq!(needs_escape(s.as_bytes()), slow);
+            let mut out = Vec::new();
+            write_json_str(&mut out, &s);
+            prop_assert_eq!(out, serde_json::to_vec(&s).unwrap());
+        }
+    }
+
+    #[test]
+    fn needs_escape_at_every_position_and_length() {
+        for len in 0..40 {
+            assert!(!needs_escape(&vec![b'a'; len]));
+            for at in 0..len {
+                for bad in [0x00, 0x1f, b'"', b'\\', 0x7f, 0x80, 0xff] {
+                    let mut s = vec![b'a'; len];
+                    s[at] = bad;
+                    assert!(needs_escape(&s), "{len} {at} {bad}");
+                }
+                for good in [0x20, b'!', b'#', b'[', b']', b'~', b'0'] {
+                    let mut s = vec![b'a'; len];
+                    s[at] = good;
+                    assert!(!needs_escape(&s), "{len} {at} {good}");
+                }
             }
         }
     }
