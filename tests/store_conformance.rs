@@ -526,6 +526,67 @@ fn r4_filtered_receive_takes_one_message_and_leaves_the_rest() {
     });
 }
 
+/// One sender id used by two processes can number its messages in one order and stamp them in
+/// the other (each takes its time before the shard lock). A hub that dies holding the first
+/// and comes back must still pass them on in sequence order: forwarded the other way round,
+/// the receiver takes the first for a copy of what it already has, and it is lost.
+#[test]
+fn r4_a_restarted_hub_forwards_in_sequence_order_whatever_the_send_times() {
+    each_layout("redeliver-order", |bus, _| {
+        let (a, hub, b) = (id("a"), id("hub"), id("b"));
+        bus.init(&hub).unwrap();
+        bus.init(&b).unwrap();
+        let route = vec!["a".to_owned()];
+        let via = |p: &str, ts: u64| {
+            bus.send_with(
+                &a,
+                &b,
+                "t",
+                &Payload::parse(p, 100).unwrap(),
+                &SendOptions {
+                    via: Some(&hub),
+                    route: Some(&route),
+                    ts: Some(ts),
+                    ..SendOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        let now = shoal::envelope::now_micros();
+        let first = via("1", now + 200); // numbered first, stamped later
+        // The hub takes it, and dies holding it (its lease runs out).
+        let held = bus.recv(&hub, &opts(1, 1)).unwrap();
+        assert_eq!(held.len(), 1);
+        let second = via("2", now + 100);
+        assert_eq!((first.seq, second.seq), (1, 2));
+        std::thread::sleep(Duration::from_millis(20));
+        // The hub made again gets both, and forwards them as it gets them.
+        let at_hub = bus.recv(&hub, &opts(10, 30_000)).unwrap();
+        let hops = vec!["a".to_owned(), "hub".to_owned()];
+        for m in &at_hub {
+            bus.send_with(
+                &a,
+                &b,
+                &m.kind,
+                &Payload::parse(m.payload.get(), 100).unwrap(),
+                &SendOptions {
+                    id: Some(&m.id),
+                    ts: Some(m.ts),
+                    seq: Some(m.seq),
+                    route: Some(&hops),
+                    ..SendOptions::default()
+                },
+            )
+            .unwrap();
+        }
+        let seqs: Vec<u64> = at_hub.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 2], "the hub gets them in sequence order");
+        let got = bus.recv(&b, &opts(10, 30_000)).unwrap();
+        let ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, [first.id.as_str(), second.id.as_str()], "none lost");
+    });
+}
+
 #[test]
 fn r4_forwarded_messages_keep_their_sequence_and_duplicates_are_dropped() {
     each_layout("dedup", |bus, _| {

@@ -7,6 +7,7 @@
 //! acknowledged are delivered again and nothing is lost; and since the slots' space is reserved
 //! when the agent is created, receiving keeps working on a full filesystem.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use crate::store::meta::ShardField;
@@ -209,8 +210,14 @@ fn receive_once(
     // one from that sender delivered now is ahead of it (see `Dedup`).
     let mut left = crate::store::LeftBehind::default();
 
-    // Expired leases, oldest first, that the filter wants.
-    let mut expired = Vec::new();
+    // Expired leases that the filter wants, per shard in file order: they go out before the
+    // shard's new lines. A shard holds each sender's messages in the order they were numbered,
+    // and that order must hold on redelivery too: send times can disagree with it (one sender
+    // id in two processes takes its times before the lock), and a hub forwarding by time
+    // would pass a pair's messages on out of sequence, where the receiver drops the older one
+    // as a copy.
+    let mut expired: Vec<VecDeque<(u64, Envelope)>> = Vec::new();
+    let mut n_expired = 0usize;
     let mut rec = Vec::new();
     for (s, i) in st.expired(now) {
         let lease = &st.shards[s].leases[i];
@@ -222,10 +229,19 @@ fn receive_once(
         if let Ok(e) = Envelope::parse(rec.strip_suffix(b"\n").unwrap_or(&rec))
             && wanted(&e)
         {
-            expired.push((s, lease.off, e));
+            if expired.len() <= s {
+                expired.resize_with(s + 1, VecDeque::new);
+            }
+            expired[s].push_back((lease.off, e));
+            n_expired += 1;
         }
     }
-    let mut expired = expired.into_iter().peekable();
+    for q in &mut expired {
+        q.make_contiguous().sort_by_key(|(off, _)| *off);
+    }
+    let waiting = |expired: &[VecDeque<(u64, Envelope)>], s: usize| {
+        expired.get(s).is_some_and(|q| !q.is_empty())
+    };
 
     // New lines per shard. With a filter, unwanted lines are skipped over, so read further.
     let limit = if req.filter.is_some() {
@@ -277,14 +293,23 @@ fn receive_once(
             }
         }
         let new_min = active_shards()
+            .filter(|&s| n_expired == 0 || !waiting(&expired, s))
             .filter_map(|s| shards[s].head.as_ref().map(|e| (e.ts, s)))
             .min();
-        let old_min = expired.peek().map(|(s, _, e)| (e.ts, *s));
+        let old_min = if n_expired == 0 {
+            None
+        } else {
+            (0..expired.len())
+                .filter_map(|s| expired[s].front().map(|(_, e)| (e.ts, s)))
+                .min()
+        };
         match (old_min, new_min) {
             (Some(o), n) if n.is_none_or(|n| o <= n) => {
-                let Some((s, off, mut e)) = expired.next() else {
+                let Some((off, mut e)) = expired[o.1].pop_front() else {
                     break;
                 };
+                n_expired -= 1;
+                let s = o.1;
                 let c = &mut st.shards[s];
                 if let Some(l) = c.leases.iter_mut().find(|l| l.off == off) {
                     l.n += 1;
