@@ -482,8 +482,13 @@ impl Bus {
 
     /// Record one metric now, if the bus's metrics are on (see [`crate::obs::metrics`]).
     pub fn record_metric(&self, metric: &str, value: f64, unit: &str, tags: &[(&str, &str)]) {
+        self.record_metrics(&[(metric, value, unit)], tags);
+    }
+
+    /// Record several metrics, each (metric, value, unit), with the same tags, in one append.
+    pub fn record_metrics(&self, records: &[(&str, f64, &str)], tags: &[(&str, &str)]) {
         if let Some(c) = &self.inner.counters {
-            c.record(metric, value, unit, tags);
+            c.record(records, tags);
         }
     }
 

@@ -341,26 +341,22 @@ impl Mesh {
         let n = expected.len().max(1) as f64;
         let tags = [("agent", from.as_str()), ("team", team.unwrap_or("all"))];
         let bus = self.bus();
-        bus.record_metric(
-            "coordination.time",
-            elapsed.as_secs_f64() * 1000.0,
-            "ms",
-            &tags,
-        );
-        bus.record_metric(
-            "coordination.delivery_rate",
-            replies.len() as f64 * 100.0 / n,
-            "percent",
-            &tags,
-        );
-        bus.record_metric(
-            "coordination.error_rate",
-            missing.len() as f64 * 100.0 / n,
-            "percent",
-            &tags,
-        );
-        bus.record_metric("coordination.agents", expected.len() as f64, "count", &tags);
-        bus.record_metric("coordination.messages", messages as f64, "count", &tags);
+        let records = [
+            ("coordination.time", elapsed.as_secs_f64() * 1000.0, "ms"),
+            (
+                "coordination.delivery_rate",
+                replies.len() as f64 * 100.0 / n,
+                "percent",
+            ),
+            (
+                "coordination.error_rate",
+                missing.len() as f64 * 100.0 / n,
+                "percent",
+            ),
+            ("coordination.agents", expected.len() as f64, "count"),
+            ("coordination.messages", messages as f64, "count"),
+        ];
+        bus.record_metrics(&records, &tags);
         Ok(RoundReport {
             request: b.id,
             expected: b.recipients,

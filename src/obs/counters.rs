@@ -227,15 +227,18 @@ impl BusCounters {
         });
     }
 
-    /// Write one record now (low-frequency events: a coordination round).
-    pub fn record(&self, metric: &str, value: f64, unit: &str, tags: &[(&str, &str)]) {
+    /// Write records now, in one append (low-frequency events: a coordination round's five
+    /// figures), each as (metric, value, unit) with the same tags.
+    pub fn record(&self, records: &[(&str, f64, &str)], tags: &[(&str, &str)]) {
         let mut em = self
             .shared
             .emitter
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let emitter = em.get_or_insert_with(|| new_emitter(&self.shared.layout));
-        let _ = emitter.emit(metric, value, unit, tags);
+        for (metric, value, unit) in records {
+            let _ = emitter.emit(metric, *value, unit, tags);
+        }
         let _ = emitter.flush();
     }
 
