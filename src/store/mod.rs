@@ -538,8 +538,9 @@ pub struct Dedup {
 /// collecting, normally one or two. Every id is written with each state save, so the memory
 /// is what every receive of a broadcast pays for: an echo agent answering a round's request
 /// ran 52k instructions per message keeping 64 ids, 30k keeping 16, against 17k for a plain
-/// request (`scripts/echo-footprint.sh --hybrid`). Past it, a copy written again is delivered
-/// twice, never dropped.
+/// request (`scripts/echo-footprint.sh --hybrid`); 21.6k against 14.6k since strings are
+/// checked for escapes a word at a time. Past it, a copy written again is delivered twice,
+/// never dropped.
 const FANOUT_MEMORY: usize = 16;
 /// Sequences delivered ahead remembered per pair (the oldest are forgotten past this).
 const AHEAD_MEMORY: usize = 4096;
