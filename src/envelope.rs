@@ -298,9 +298,17 @@ impl Envelope {
     }
 
     /// Append the envelope as it is stored (the line [`Draft::encode_parts`] writes, without
-    /// `delivery` and without a newline). For a parsed line that is the line itself.
+    /// `delivery` and without a newline), keeping its version. For a line as this build
+    /// writes it, that is the line itself.
     pub fn write_stored(&self, out: &mut Vec<u8>) {
-        write_head(out, &self.id, Any(&self.from), Any(&self.to), &self.kind);
+        write_head(
+            out,
+            self.v,
+            &self.id,
+            Any(&self.from),
+            Any(&self.to),
+            &self.kind,
+        );
         out.extend_from_slice(itoa(self.seq).as_bytes());
         write_tail(
             out,
@@ -370,6 +378,7 @@ impl Draft<'_> {
         suffix.clear();
         write_head(
             prefix,
+            ENVELOPE_VERSION,
             &self.id,
             Plain(self.from.as_str()), // ids need no escaping
             Plain(self.to.as_str()),
@@ -396,7 +405,7 @@ enum Text<'a> {
 use Text::{Any, Plain};
 
 /// The stored line up to the sequence number's value: `{"v":1,"id":..,"type":..,"seq":`.
-fn write_head(out: &mut Vec<u8>, id: &str, from: Text<'_>, to: Text<'_>, kind: &str) {
+fn write_head(out: &mut Vec<u8>, v: u32, id: &str, from: Text<'_>, to: Text<'_>, kind: &str) {
     let text = |out: &mut Vec<u8>, t: Text<'_>| match t {
         Plain(s) => {
             out.push(b'"');
@@ -406,7 +415,7 @@ fn write_head(out: &mut Vec<u8>, id: &str, from: Text<'_>, to: Text<'_>, kind: &
         Any(s) => write_json_str(out, s),
     };
     out.extend_from_slice(b"{\"v\":");
-    out.extend_from_slice(itoa(u64::from(ENVELOPE_VERSION)).as_bytes());
+    out.extend_from_slice(itoa(u64::from(v)).as_bytes());
     out.extend_from_slice(b",\"id\":");
     write_json_str(out, id);
     out.extend_from_slice(b",\"from\":");

@@ -308,6 +308,16 @@ mod tests {
     }
 
     #[test]
+    fn written_back_an_envelope_keeps_its_version() {
+        let line =
+            br#"{"v":2,"id":"m","from":"a","to":"b","type":"t","seq":1,"ts":1,"payload":{}}"#;
+        let e = parse(line).unwrap();
+        let mut back = Vec::new();
+        e.write_stored(&mut back);
+        assert_eq!(back, line);
+    }
+
+    #[test]
     fn anything_else_is_left_to_the_general_parse() {
         let base = String::from_utf8(written(
             "ping",
