@@ -335,6 +335,18 @@ fn r2_a_reused_agent_listing_still_sees_every_change() {
         assert_eq!(names(bus), ["a", "b", "c"]);
         other.remove(&id("a")).unwrap();
         assert_eq!(names(bus), ["b", "c"], "removed by another handle");
+        // A change whose directory time is then put back to what it was (a restore, `touch
+        // -r`): the change time still tells.
+        age(60);
+        let listed_at = std::fs::metadata(&dir).unwrap().modified().unwrap();
+        assert_eq!(names(bus), ["b", "c"]);
+        other.init(&id("e")).unwrap();
+        std::fs::File::open(&dir)
+            .unwrap()
+            .set_modified(listed_at)
+            .unwrap();
+        assert_eq!(names(bus), ["b", "c", "e"], "time put back");
+        other.remove(&id("e")).unwrap();
         // A change right after a listing, within the clock's tick: still seen.
         assert_eq!(names(&other), ["b", "c"]);
         bus.init(&id("d")).unwrap();

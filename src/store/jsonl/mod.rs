@@ -40,10 +40,13 @@ pub struct JsonlStore {
     listing: Mutex<Option<Listing>>,
 }
 
-/// A listing of the agents directory and the directory's modification time when it was taken.
+/// A listing of the agents directory and what identified the directory's state when it was
+/// taken: its inode, modification time and change time. Nobody can set the change time (setting
+/// the modification time moves it), so a directory whose old time was put back is not
+/// mistaken for the one listed.
 #[derive(Debug)]
 struct Listing {
-    mtime: std::time::SystemTime,
+    key: (u64, u64, i64, i64, i64, i64),
     ids: Vec<AgentId>,
 }
 
@@ -267,13 +270,24 @@ impl Store for JsonlStore {
     fn agents(&self) -> Result<Vec<AgentId>, AgentError> {
         let dir = self.layout.agents_dir();
         let now = std::time::SystemTime::now(); // before the stat: see `LISTING_SETTLED`
-        let mtime = match fs::metadata(&dir).and_then(|m| m.modified()) {
+        let (mtime, key) = match fs::metadata(&dir).and_then(|m| {
+            use std::os::unix::fs::MetadataExt;
+            let key = (
+                m.dev(),
+                m.ino(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            );
+            Ok((m.modified()?, key))
+        }) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(AgentError::at(&dir)(e)),
         };
         let mut cached = self.listing.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = cached.as_ref().filter(|l| l.mtime == mtime) {
+        if let Some(l) = cached.as_ref().filter(|l| l.key == key) {
             return Ok(l.ids.clone());
         }
         let entries = match fs::read_dir(&dir) {
@@ -296,9 +310,17 @@ impl Store for JsonlStore {
         } else {
             LISTING_SETTLED
         };
-        let settled = now.duration_since(mtime).is_ok_and(|age| age >= margin);
+        // The later of the two times: a change stamps both.
+        let ctime = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                u64::try_from(key.4).unwrap_or(0),
+                u32::try_from(key.5).unwrap_or(0),
+            );
+        let settled = now
+            .duration_since(mtime.max(ctime))
+            .is_ok_and(|age| age >= margin);
         *cached = settled.then(|| Listing {
-            mtime,
+            key,
             ids: out.clone(),
         });
         Ok(out)
