@@ -538,6 +538,28 @@ fn r4_filtered_receive_takes_one_message_and_leaves_the_rest() {
     });
 }
 
+/// Pass messages from `a` to `b` on as the hub "hub" does: same id, send time and sequence,
+/// the hub added to the route.
+fn forward_as_hub(bus: &Bus, a: &AgentId, b: &AgentId, msgs: &[shoal::Envelope]) {
+    let hops = vec![a.to_string(), "hub".to_owned()];
+    for m in msgs {
+        bus.send_with(
+            a,
+            b,
+            &m.kind,
+            &Payload::parse(m.payload.get(), 100).unwrap(),
+            &SendOptions {
+                id: Some(&m.id),
+                ts: Some(m.ts),
+                seq: Some(m.seq),
+                route: Some(&hops),
+                ..SendOptions::default()
+            },
+        )
+        .unwrap();
+    }
+}
+
 /// One sender id used by two processes can number its messages in one order and stamp them in
 /// the other (each takes its time before the shard lock). A hub that dies holding the first
 /// and comes back must still pass them on in sequence order: forwarded the other way round,
@@ -574,23 +596,7 @@ fn r4_a_restarted_hub_forwards_in_sequence_order_whatever_the_send_times() {
         std::thread::sleep(Duration::from_millis(20));
         // The hub made again gets both, and forwards them as it gets them.
         let at_hub = bus.recv(&hub, &opts(10, 30_000)).unwrap();
-        let hops = vec!["a".to_owned(), "hub".to_owned()];
-        for m in &at_hub {
-            bus.send_with(
-                &a,
-                &b,
-                &m.kind,
-                &Payload::parse(m.payload.get(), 100).unwrap(),
-                &SendOptions {
-                    id: Some(&m.id),
-                    ts: Some(m.ts),
-                    seq: Some(m.seq),
-                    route: Some(&hops),
-                    ..SendOptions::default()
-                },
-            )
-            .unwrap();
-        }
+        forward_as_hub(bus, &a, &b, &at_hub);
         let seqs: Vec<u64> = at_hub.iter().map(|m| m.seq).collect();
         assert_eq!(seqs, [1, 2], "the hub gets them in sequence order");
         let got = bus.recv(&b, &opts(10, 30_000)).unwrap();
@@ -630,22 +636,7 @@ fn r4_forwarded_messages_keep_their_sequence_and_duplicates_are_dropped() {
         // The hub forwards each twice (as a hub restarted mid-batch would).
         let hops = vec!["a".to_owned(), "hub".to_owned()];
         for _ in 0..2 {
-            for m in &at_hub {
-                bus.send_with(
-                    &a,
-                    &b,
-                    &m.kind,
-                    &Payload::parse(m.payload.get(), 100).unwrap(),
-                    &SendOptions {
-                        id: Some(&m.id),
-                        ts: Some(m.ts),
-                        seq: Some(m.seq),
-                        route: Some(&hops),
-                        ..SendOptions::default()
-                    },
-                )
-                .unwrap();
-            }
+            forward_as_hub(bus, &a, &b, &at_hub);
         }
         let got = bus.recv(&b, &opts(10, 30_000)).unwrap();
         let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
