@@ -538,6 +538,31 @@ fn r4_filtered_receive_takes_one_message_and_leaves_the_rest() {
     });
 }
 
+/// Send from `a` to `b` through the hub "hub" (written to its inbox, numbered in `b`'s
+/// sequence), at the time given or now.
+fn send_via_hub(
+    bus: &Bus,
+    a: &AgentId,
+    b: &AgentId,
+    payload: &str,
+    ts: Option<u64>,
+) -> shoal::Receipt {
+    let route = vec![a.to_string()];
+    bus.send_with(
+        a,
+        b,
+        "t",
+        &Payload::parse(payload, 100).unwrap(),
+        &SendOptions {
+            via: Some(&id("hub")),
+            route: Some(&route),
+            ts,
+            ..SendOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 /// Pass messages from `a` to `b` on as the hub "hub" does: same id, send time and sequence,
 /// the hub added to the route.
 fn forward_as_hub(bus: &Bus, a: &AgentId, b: &AgentId, msgs: &[shoal::Envelope]) {
@@ -570,22 +595,7 @@ fn r4_a_restarted_hub_forwards_in_sequence_order_whatever_the_send_times() {
         let (a, hub, b) = (id("a"), id("hub"), id("b"));
         bus.init(&hub).unwrap();
         bus.init(&b).unwrap();
-        let route = vec!["a".to_owned()];
-        let via = |p: &str, ts: u64| {
-            bus.send_with(
-                &a,
-                &b,
-                "t",
-                &Payload::parse(p, 100).unwrap(),
-                &SendOptions {
-                    via: Some(&hub),
-                    route: Some(&route),
-                    ts: Some(ts),
-                    ..SendOptions::default()
-                },
-            )
-            .unwrap()
-        };
+        let via = |p: &str, ts: u64| send_via_hub(bus, &a, &b, p, Some(ts));
         let now = shoal::envelope::now_micros();
         let first = via("1", now + 200); // numbered first, stamped later
         // The hub takes it, and dies holding it (its lease runs out).
@@ -612,21 +622,7 @@ fn r4_forwarded_messages_keep_their_sequence_and_duplicates_are_dropped() {
         bus.init(&hub).unwrap();
         bus.init(&b).unwrap();
         // a -> b through the hub: written to the hub's inbox, numbered in b's sequence.
-        let route = vec!["a".to_owned()];
-        let via = |p: &str| {
-            bus.send_with(
-                &a,
-                &b,
-                "t",
-                &Payload::parse(p, 100).unwrap(),
-                &SendOptions {
-                    via: Some(&hub),
-                    route: Some(&route),
-                    ..SendOptions::default()
-                },
-            )
-            .unwrap()
-        };
+        let via = |p: &str| send_via_hub(bus, &a, &b, p, None);
         let r1 = via("1");
         let r2 = via("2");
         assert_eq!((r1.seq, r2.seq), (1, 2));
