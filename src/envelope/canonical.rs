@@ -78,47 +78,28 @@ impl<'a> Cursor<'a> {
 
     /// One envelope object, keys in the written order, ending after its closing brace.
     fn envelope(&mut self) -> Option<Envelope> {
-        self.lit(b"{\"v\":")?;
-        let v = u32::try_from(self.num()?).ok()?;
-        self.lit(b",\"id\":")?;
-        let id = self.string()?;
-        self.lit(b",\"from\":")?;
-        let from = self.string()?;
-        self.lit(b",\"to\":")?;
-        let to = self.string()?;
-        self.lit(b",\"type\":")?;
-        let kind = self.string()?;
-        self.lit(b",\"seq\":")?;
-        let seq = self.num()?;
-        self.lit(b",\"ts\":")?;
-        let ts = self.num()?;
-        let reply_to = if self.maybe(b",\"reply_to\":") {
-            Some(self.string()?)
-        } else {
-            None
-        };
-        let route = if self.maybe(b",\"route\":[") {
+        let v = u32::try_from(self.after(b"{\"v\":", Self::num)?).ok()?;
+        let id = self.after(b",\"id\":", Self::string)?;
+        let from = self.after(b",\"from\":", Self::string)?;
+        let to = self.after(b",\"to\":", Self::string)?;
+        let kind = self.after(b",\"type\":", Self::string)?;
+        let seq = self.after(b",\"seq\":", Self::num)?;
+        let ts = self.after(b",\"ts\":", Self::num)?;
+        let reply_to = self.optional(b",\"reply_to\":", Self::string)?;
+        let route = self.optional(b",\"route\":[", |c| {
             let mut hops = Vec::new();
-            self.list(|c| {
+            c.list(|c| {
                 hops.push(c.string()?);
                 Some(())
             })?;
             Some(hops)
-        } else {
-            None
-        };
-        let fanout = if self.maybe(b",\"fanout\":") {
-            Some(self.string()?)
-        } else {
-            None
-        };
-        let gather = if self.maybe(b",\"gather\":{\"deadline\":") {
-            let deadline = self.num()?;
-            self.lit(b"}")?;
+        })?;
+        let fanout = self.optional(b",\"fanout\":", Self::string)?;
+        let gather = self.optional(b",\"gather\":{\"deadline\":", |c| {
+            let deadline = c.num()?;
+            c.lit(b"}")?;
             Some(Gather { deadline })
-        } else {
-            None
-        };
+        })?;
         self.lit(b",\"payload\":")?;
         let payload = self.raw_value()?;
         self.lit(b"}")?;
@@ -151,6 +132,25 @@ impl<'a> Cursor<'a> {
         let value = values.next()?.ok()?;
         self.i += values.byte_offset();
         Some(value)
+    }
+
+    /// `key` (exactly), then what `value` reads.
+    fn after<T>(&mut self, key: &[u8], value: impl FnOnce(&mut Self) -> Option<T>) -> Option<T> {
+        self.lit(key)?;
+        value(self)
+    }
+
+    /// An optional key: `Some(None)` if `key` does not come next, `Some(Some(..))` with what
+    /// `value` reads after it, `None` if that fails.
+    fn optional<T>(
+        &mut self,
+        key: &[u8],
+        value: impl FnOnce(&mut Self) -> Option<T>,
+    ) -> Option<Option<T>> {
+        if !self.maybe(key) {
+            return Some(None);
+        }
+        value(self).map(Some)
     }
 
     /// The rest of a `[`-opened list: `]`, or items separated by `,` and closed by `]`.
