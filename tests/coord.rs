@@ -805,6 +805,13 @@ fn r4_bench_round_reports_every_field_per_size_and_topology() {
             }
         }
     }
+    // Hybrid against flat, from rounds that took turns in the same run.
+    for l in &lines {
+        match l["topology"].as_str().unwrap() {
+            "flat" => assert!(l["p50_vs_flat"].is_null(), "{l}"),
+            _ => assert!(l["p50_vs_flat"].as_f64().is_some_and(|x| x > 0.0), "{l}"),
+        }
+    }
     // The coordinator gets one message per team in the hybrid topology (30 agents: 4 teams).
     assert_eq!(lines[3]["coordinator_messages"], 4);
     assert_eq!(lines[2]["coordinator_messages"], 30);

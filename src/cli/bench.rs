@@ -4,9 +4,10 @@
 //! The floor is a bare round of the same size with no shoal code: the coordinator appends one
 //! line to each receiver's file under flock and rings its futex bell (one shared table), each
 //! receiver process wakes, reads its file, appends a reply line to one of 16 reply files and
-//! rings the coordinator's bell; the coordinator waits until every reply is there. Floor and
-//! shoal processes are all running while measured, and their rounds alternate, so both see
-//! the same machine.
+//! rings the coordinator's bell; the coordinator waits until every reply is there. The floor's
+//! processes and those of every topology measured are all running at once, and their rounds
+//! take turns (floor, then the topologies in a rotating order), so all of them see the same
+//! machine.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -113,12 +114,46 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
         if n == 0 {
             bail!("--agents sizes must be at least 1");
         }
+    }
+    for &n in &a.agents {
         let mut floor = Floor::start(&exe, n)?;
+        // Every topology's agents run at once and their rounds take turns with the floor's
+        // (in a rotating order), so that topologies are compared under the same conditions
+        // as each is with the floor: this machine's speed drifts by tens of percent within
+        // minutes, more than the differences measured.
+        let mut pops = Vec::with_capacity(a.topology.len());
         for topo in &a.topology {
-            let hybrid = topo == "hybrid";
-            let r = shoal_rounds(&exe, n, hybrid, &a, &mut floor)?;
+            pops.push(Population::start(&exe, n, topo == "hybrid", &a)?);
+        }
+        let mut floor_times = Vec::with_capacity(a.rounds);
+        let floor0 = children_cpu(&floor.children.0);
+        for p in &mut pops {
+            p.begin();
+        }
+        for r in 0..a.rounds {
+            interrupted()?;
+            floor_times.push(floor.round()?);
+            let k = pops.len();
+            for i in 0..k {
+                pops[(r + i) % k].round(a.timeout)?;
+            }
+        }
+        let floor_agents_cpu_ms = per_round(floor0, children_cpu(&floor.children.0), a.rounds);
+        floor_times.sort_by(f64::total_cmp);
+        let floor_p50 = percentile(&floor_times, 0.5);
+        let results: Vec<Rounds> = pops
+            .into_iter()
+            .map(|p| p.finish(a.rounds))
+            .collect::<anyhow::Result<_>>()?;
+        let flat_p50 = results
+            .iter()
+            .find(|r| !r.hybrid)
+            .map(|r| percentile(&r.times, 0.5));
+        for r in &results {
+            let topo = if r.hybrid { "hybrid" } else { "flat" };
             let (p50, p95) = (percentile(&r.times, 0.5), percentile(&r.times, 0.95));
-            let floor_p50 = percentile(&r.floor, 0.5);
+            // Hybrid against flat, when both ran.
+            let vs_flat = flat_p50.filter(|_| r.hybrid).map(|f| p50 / f);
             if a.json {
                 let v = serde_json::json!({
                     "agents": n,
@@ -131,19 +166,21 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
                     "coordinator_messages": r.messages,
                     "floor_p50_ms": round2(floor_p50),
                     "ratio_to_floor": round2(p50 / floor_p50),
+                    "p50_vs_flat": vs_flat.map(round2),
                     "agents_cpu_ms": r.agents_cpu_ms.map(round2),
-                    "floor_agents_cpu_ms": r.floor_agents_cpu_ms.map(round2),
+                    "floor_agents_cpu_ms": floor_agents_cpu_ms.map(round2),
                     "hubs_cpu_ms": r.hubs_cpu_ms.map(round2),
                 });
                 super::out(&format!("{v}\n"))?;
             } else {
                 super::out(&format!(
-                    "{n:>5} agents {topo:<6}: p50 {p50:7.2} ms  p95 {p95:7.2} ms  delivered {:6.2}%  coordinator {:6.2} ms CPU, {} messages/round  | floor p50 {floor_p50:6.2} ms  ({:.2}x){}{}\n",
+                    "{n:>5} agents {topo:<6}: p50 {p50:7.2} ms  p95 {p95:7.2} ms  delivered {:6.2}%  coordinator {:6.2} ms CPU, {} messages/round  | floor p50 {floor_p50:6.2} ms  ({:.2}x){}{}{}\n",
                     r.delivered_pct,
                     r.cpu_ms,
                     r.messages,
                     p50 / floor_p50,
-                    match (r.agents_cpu_ms, r.floor_agents_cpu_ms) {
+                    vs_flat.map_or(String::new(), |x| format!(" ({x:.2}x flat)")),
+                    match (r.agents_cpu_ms, floor_agents_cpu_ms) {
                         (Some(s), Some(f)) => format!(
                             "  | agents {s:.2} ms CPU/round, floor's {f:.2} ({:.2}x)",
                             s / f
@@ -151,7 +188,7 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
                         _ => String::new(),
                     },
                     match r.hubs_cpu_ms {
-                        Some(h) if hybrid => format!(", of it hubs {h:.2}"),
+                        Some(h) if r.hybrid => format!(", of it hubs {h:.2}"),
                         _ => String::new(),
                     }
                 ))?;
@@ -167,134 +204,186 @@ pub(crate) fn round2(x: f64) -> f64 {
 }
 
 struct Rounds {
+    hybrid: bool,
+    /// Round times in milliseconds, sorted.
     times: Vec<f64>,
-    /// Floor rounds, alternated with shoal's.
-    floor: Vec<f64>,
     delivered_pct: f64,
     cpu_ms: f64,
     messages: usize,
     /// CPU of shoal's agent processes (echo agents and hubs) per round.
     agents_cpu_ms: Option<f64>,
-    /// CPU of the floor's receivers per floor round.
-    floor_agents_cpu_ms: Option<f64>,
     /// Of `agents_cpu_ms`, the hubs' (zero in a flat topology).
     hubs_cpu_ms: Option<f64>,
 }
 
-/// Rounds through shoal: `n` echo agents (and hubs), a coordinator gathering from them.
-fn shoal_rounds(
-    exe: &Path,
-    n: usize,
+/// CPU per round between two readings, in milliseconds.
+fn per_round(c0: Option<Duration>, c1: Option<Duration>, rounds: usize) -> Option<f64> {
+    Some((c1? - c0?).as_secs_f64() * 1000.0 / rounds.max(1) as f64)
+}
+
+/// One topology's agents for one size: `n` echo agents (and hubs) in a root of their own and
+/// a coordinator gathering from them, kept running while the other topology and the floor
+/// take their turns.
+struct Population {
     hybrid: bool,
-    a: &RoundArgs,
-    floor: &mut Floor,
-) -> anyhow::Result<Rounds> {
-    let dir = scratch(&format!(
-        "round-{n}-{}",
-        if hybrid { "hybrid" } else { "flat" }
-    ))?;
-    let root = dir.0.join("root");
-    let bus = Bus::create(&root)?;
-    let coord = AgentId::new("coord")?;
-    bus.init(&coord)?;
-    let (topo, ids) = Topology::plan(n, hybrid.then_some(a.team_size), None, "agent-")?;
-    for id in ids.iter().chain(topo.hubs()) {
-        bus.init(id)?;
-    }
-    topo.save(bus.root().layout())?;
-    let mesh = Mesh::open(bus.clone())?;
-    let mut children = Children(Vec::new());
-    let spawn = |args: &[&str]| -> anyhow::Result<Child> {
-        let mut cmd = Command::new(exe);
-        Children::bind(&mut cmd);
-        cmd.arg("--root")
-            .arg(&root)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start an agent process")
-    };
-    for t in &topo.teams {
-        children.0.push(spawn(&["hub", t.name.as_str()])?);
-    }
-    for id in &ids {
-        children.0.push(spawn(&["echo", id.as_str()])?);
-    }
-    let payload = Payload::parse(r#"{"task":"ping"}"#, 1 << 20)?;
-    let mut waiter = None;
-    // Warm-up: the agents are starting; wait until a round is complete.
-    let start = Instant::now();
-    loop {
-        let r = mesh.gather_with(
-            &coord,
-            "ping",
-            &payload,
-            None,
-            Duration::from_secs(10),
-            &mut waiter,
-        )?;
-        if r.complete() {
-            break;
+    mesh: Mesh,
+    coord: AgentId,
+    payload: Payload,
+    waiter: Option<shoal::wake::Waiter>,
+    /// Hubs first. Declared before the directory, so they are gone when it is removed.
+    children: Children,
+    hubs: usize,
+    _dir: Scratch,
+    times: Vec<f64>,
+    replied: usize,
+    expected: usize,
+    cpu: Duration,
+    messages: usize,
+    /// The agents' and hubs' CPU when the timed rounds began.
+    cpu0: (Option<Duration>, Option<Duration>),
+}
+
+impl Population {
+    /// Start the agents and wait until a round is complete.
+    fn start(exe: &Path, n: usize, hybrid: bool, a: &RoundArgs) -> anyhow::Result<Population> {
+        let dir = scratch(&format!(
+            "round-{n}-{}",
+            if hybrid { "hybrid" } else { "flat" }
+        ))?;
+        let root = dir.0.join("root");
+        let bus = Bus::create(&root)?;
+        let coord = AgentId::new("coord")?;
+        bus.init(&coord)?;
+        let (topo, ids) = Topology::plan(n, hybrid.then_some(a.team_size), None, "agent-")?;
+        for id in ids.iter().chain(topo.hubs()) {
+            bus.init(id)?;
         }
-        interrupted()?;
-        if start.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "{n} agents: {} still missing after 120 s of warm-up",
-                r.missing.len()
-            );
+        topo.save(bus.root().layout())?;
+        let mesh = Mesh::open(bus.clone())?;
+        let mut children = Children(Vec::new());
+        let spawn = |args: &[&str]| -> anyhow::Result<Child> {
+            let mut cmd = Command::new(exe);
+            Children::bind(&mut cmd);
+            cmd.arg("--root")
+                .arg(&root)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("cannot start an agent process")
+        };
+        for t in &topo.teams {
+            children.0.push(spawn(&["hub", t.name.as_str()])?);
         }
+        for id in &ids {
+            children.0.push(spawn(&["echo", id.as_str()])?);
+        }
+        let mut p = Population {
+            hybrid,
+            mesh,
+            coord,
+            payload: Payload::parse(r#"{"task":"ping"}"#, 1 << 20)?,
+            waiter: None,
+            children,
+            hubs: topo.teams.len(),
+            _dir: dir,
+            times: Vec::with_capacity(a.rounds),
+            replied: 0,
+            expected: 0,
+            cpu: Duration::ZERO,
+            messages: 0,
+            cpu0: (None, None),
+        };
+        // Warm-up: the agents are starting; wait until a round is complete.
+        let start = Instant::now();
+        loop {
+            let r = p.mesh.gather_with(
+                &p.coord,
+                "ping",
+                &p.payload,
+                None,
+                Duration::from_secs(10),
+                &mut p.waiter,
+            )?;
+            if r.complete() {
+                break;
+            }
+            interrupted()?;
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "{n} agents: {} still missing after 120 s of warm-up",
+                    r.missing.len()
+                );
+            }
+        }
+        Ok(p)
     }
-    let (mut times, mut replied, mut expected, mut cpu, mut messages) =
-        (Vec::new(), 0usize, 0usize, Duration::ZERO, 0);
-    let mut floor_times = Vec::with_capacity(a.rounds);
-    // Agents only work in their own rounds, so what they ran in between is per round.
-    let agents0 = children_cpu(&children.0);
-    let hubs0 = children_cpu(&children.0[..topo.teams.len()]);
-    let floor0 = children_cpu(&floor.children.0);
-    for _ in 0..a.rounds {
-        interrupted()?;
-        floor_times.push(floor.round()?);
+
+    /// The timed rounds begin: agents only work in their own rounds, so what they run from
+    /// here on is per round.
+    fn begin(&mut self) {
+        self.cpu0 = (
+            children_cpu(&self.children.0),
+            children_cpu(&self.children.0[..self.hubs]),
+        );
+    }
+
+    /// One timed round.
+    fn round(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let c0 = shoal::sys::cpu_time();
-        let r = mesh.gather_with(&coord, "ping", &payload, None, a.timeout, &mut waiter)?;
-        cpu += shoal::sys::cpu_time() - c0;
-        times.push(r.elapsed.as_secs_f64() * 1000.0);
-        replied += r.replies.len();
-        expected += r.expected.len();
-        messages = messages.max(r.messages);
+        let r = self.mesh.gather_with(
+            &self.coord,
+            "ping",
+            &self.payload,
+            None,
+            timeout,
+            &mut self.waiter,
+        )?;
+        self.cpu += shoal::sys::cpu_time() - c0;
+        self.times.push(r.elapsed.as_secs_f64() * 1000.0);
+        self.replied += r.replies.len();
+        self.expected += r.expected.len();
+        self.messages = self.messages.max(r.messages);
+        Ok(())
     }
-    let rounds = a.rounds.max(1) as f64;
-    let per_round = |c0: Option<Duration>, c1: Option<Duration>| {
-        Some((c1? - c0?).as_secs_f64() * 1000.0 / rounds)
-    };
-    let agents_cpu_ms = per_round(agents0, children_cpu(&children.0));
-    let hubs_cpu_ms = per_round(hubs0, children_cpu(&children.0[..topo.teams.len()]));
-    let floor_agents_cpu_ms = per_round(floor0, children_cpu(&floor.children.0));
-    mesh.broadcast(&coord, "shutdown", &Payload::parse("{}", 64)?, None, None)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for c in children.0.iter_mut().skip(topo.teams.len()) {
-        while c.try_wait()?.is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+
+    /// Stop the agents; the figures of the timed rounds.
+    fn finish(mut self, rounds: usize) -> anyhow::Result<Rounds> {
+        let agents_cpu_ms = per_round(self.cpu0.0, children_cpu(&self.children.0), rounds);
+        let hubs_cpu_ms = per_round(
+            self.cpu0.1,
+            children_cpu(&self.children.0[..self.hubs]),
+            rounds,
+        );
+        self.mesh.broadcast(
+            &self.coord,
+            "shutdown",
+            &Payload::parse("{}", 64)?,
+            None,
+            None,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for c in self.children.0.iter_mut().skip(self.hubs) {
+            while c.try_wait()?.is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
+        self.times.sort_by(f64::total_cmp);
+        Ok(Rounds {
+            hybrid: self.hybrid,
+            times: std::mem::take(&mut self.times),
+            delivered_pct: if self.expected == 0 {
+                100.0
+            } else {
+                100.0 * self.replied as f64 / self.expected as f64
+            },
+            cpu_ms: self.cpu.as_secs_f64() * 1000.0 / rounds.max(1) as f64,
+            messages: self.messages,
+            agents_cpu_ms,
+            hubs_cpu_ms,
+        })
     }
-    drop(children);
-    times.sort_by(f64::total_cmp);
-    floor_times.sort_by(f64::total_cmp);
-    Ok(Rounds {
-        times,
-        floor: floor_times,
-        delivered_pct: if expected == 0 {
-            100.0
-        } else {
-            100.0 * replied as f64 / expected as f64
-        },
-        cpu_ms: cpu.as_secs_f64() * 1000.0 / rounds,
-        messages,
-        agents_cpu_ms,
-        floor_agents_cpu_ms,
-        hubs_cpu_ms,
-    })
 }
 
 /// CPU time all of `children` have run so far (`None` where `/proc` does not say).
