@@ -1,13 +1,16 @@
 //! The receiver's state: per shard, a read cursor and the leases of delivered, unacknowledged
 //! messages. Pure bookkeeping, no I/O, so it can be property-tested.
 //!
-//! # Format (in `state.0` / `state.1`, version 1)
+//! # Format (in `state.0` / `state.1`, version 2)
 //!
 //! ```text
-//! {"v":1,"shards":[{"read":4096,"acked_msgs":17,"punched":0,
-//!   "leases":[{"off":3890,"len":206,"id":"msg-...","ts":1795310779123456,"n":1,"until":1795310809123}]}],
+//! {"v":2,"shards":[{"read":4096,"acked_msgs":17,
+//!   "leases":[{"off":3890,"len":206,"id":"msg-...","ts":1795310779123456,"n":1,"until":1795310809123}]},{}],
 //!  "snapshot":[4096,0,0,0,0,0,0,0]}
 //! ```
+//!
+//! A shard cursor leaves out its zero numbers and its empty lists: a shard nothing came to
+//! is `{}`. (Version 1 wrote every field; it is read as well.)
 //!
 //! `snapshot`, when present, holds the shard ends the last `receive` (the bash bus's verb) read
 //! up to: `clear` acknowledges exactly the messages before them.
@@ -32,7 +35,11 @@ use crate::store::slots::SlotState;
 use crate::store::{AckReport, RecvError};
 
 /// Receiver state format version.
-pub(crate) const STATE_VERSION: u32 = 1;
+pub(crate) const STATE_VERSION: u32 = 2;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 /// All of one inbox's receiver state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,14 +58,16 @@ pub(crate) struct RecvState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ShardCursor {
     /// Offset past the last message delivered (or acknowledged without delivery by `clear`).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) read: u64,
     /// Messages acknowledged in this shard, ever.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) acked_msgs: u64,
     /// Bytes at the start of the shard already released (hole punched).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) punched: u64,
     /// Delivered, unacknowledged messages, sorted by offset.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) leases: Vec<Lease>,
     /// Offsets past `read` of messages already acknowledged, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -298,6 +307,7 @@ impl SlotState for RecvState {
             )));
         }
         self.shards.resize_with(shards, Default::default);
+        self.v = STATE_VERSION; // saved from now on as this version writes
         Ok(self)
     }
 
@@ -313,24 +323,42 @@ impl SlotState for RecvState {
         out.extend_from_slice(b",\"shards\":[");
         for (i, c) in self.shards.iter().enumerate() {
             comma(out, i);
-            num(out, b"{\"read\":", c.read);
-            num(out, b",\"acked_msgs\":", c.acked_msgs);
-            num(out, b",\"punched\":", c.punched);
-            out.extend_from_slice(b",\"leases\":[");
-            for (j, l) in c.leases.iter().enumerate() {
-                comma(out, j);
-                num(out, b"{\"off\":", l.off);
-                num(out, b",\"len\":", l.len);
-                out.extend_from_slice(b",\"id\":");
-                write_json_str(out, &l.id);
-                num(out, b",\"ts\":", l.ts);
-                num(out, b",\"n\":", u64::from(l.n));
-                num(out, b",\"until\":", l.until);
-                out.push(b'}');
+            out.push(b'{');
+            // Each field present is preceded by a comma unless it is the first.
+            let mut first = true;
+            let mut key = |out: &mut Vec<u8>, k: &[u8]| {
+                if !std::mem::take(&mut first) {
+                    out.push(b',');
+                }
+                out.extend_from_slice(k);
+            };
+            for (k, n) in [
+                (&b"\"read\":"[..], c.read),
+                (b"\"acked_msgs\":", c.acked_msgs),
+                (b"\"punched\":", c.punched),
+            ] {
+                if n != 0 {
+                    key(out, k);
+                    push_num(out, n);
+                }
             }
-            out.push(b']');
+            if !c.leases.is_empty() {
+                key(out, b"\"leases\":[");
+                for (j, l) in c.leases.iter().enumerate() {
+                    comma(out, j);
+                    num(out, b"{\"off\":", l.off);
+                    num(out, b",\"len\":", l.len);
+                    out.extend_from_slice(b",\"id\":");
+                    write_json_str(out, &l.id);
+                    num(out, b",\"ts\":", l.ts);
+                    num(out, b",\"n\":", u64::from(l.n));
+                    num(out, b",\"until\":", l.until);
+                    out.push(b'}');
+                }
+                out.push(b']');
+            }
             if !c.done.is_empty() {
-                out.extend_from_slice(b",\"done\":");
+                key(out, b"\"done\":");
                 nums(out, c.done.iter().copied());
             }
             out.push(b'}');
@@ -467,10 +495,12 @@ mod tests {
                 n,
                 until,
             });
+        // Zeros often: the encoder leaves them out.
+        let num = || prop_oneof![Just(0u64), any::<u64>()];
         let cursor = (
-            any::<u64>(),
-            any::<u64>(),
-            any::<u64>(),
+            num(),
+            num(),
+            num(),
             prop::collection::vec(lease, 0..3),
             prop::collection::vec(any::<u64>(), 0..3),
         )
@@ -507,6 +537,24 @@ mod tests {
                 snapshot,
                 dedup,
             })
+    }
+
+    #[test]
+    fn shards_leave_out_zeros_and_version_1_states_are_read() {
+        let mut st = RecvState::new(3);
+        st.shards[1].read = 206;
+        st.shards[1].acked_msgs = 1;
+        let mut out = Vec::new();
+        st.encode(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"v":2,"shards":[{},{"read":206,"acked_msgs":1},{}]}"#
+        );
+        // Version 1 wrote every field.
+        let v1 = r#"{"v":1,"shards":[{"read":0,"acked_msgs":0,"punched":0,"leases":[]},{"read":206,"acked_msgs":1,"punched":0,"leases":[]},{"read":0,"acked_msgs":0,"punched":0,"leases":[]}]}"#;
+        let mut read: RecvState = serde_json::from_str(v1).unwrap();
+        read.v = STATE_VERSION;
+        assert_eq!(read, st);
     }
 
     proptest! {
