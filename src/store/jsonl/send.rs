@@ -67,17 +67,28 @@ fn resolve(
         },
         SlotError::Io(e) => SendError::at(store.layout.meta_in(&inbox.dir))(e),
     })?;
-    let sender = store.inbox(from).ok().flatten();
     LAST.with(|l| {
-        *l.borrow_mut() = Some(Resolved {
-            store: store.instance,
-            from: from.clone(),
-            to: to.clone(),
-            inbox: Arc::clone(&inbox),
-            slot,
-            sender,
-            checked: now_us,
-        })
+        let mut l = l.borrow_mut();
+        match l.as_mut() {
+            // Same sender, another recipient (a fan-out): its own inbox is already known, and
+            // the recipient's id is copied into the buffer that held the last one.
+            Some(r) if r.store == store.instance && r.from == *from => {
+                r.to.clone_from(to);
+                r.inbox = Arc::clone(&inbox);
+                r.slot = slot;
+            }
+            _ => {
+                *l = Some(Resolved {
+                    store: store.instance,
+                    from: from.clone(),
+                    to: to.clone(),
+                    inbox: Arc::clone(&inbox),
+                    slot,
+                    sender: store.inbox(from).ok().flatten(),
+                    checked: now_us,
+                })
+            }
+        }
     });
     Ok((inbox, slot))
 }
