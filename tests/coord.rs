@@ -784,6 +784,7 @@ fn r4_bench_round_reports_every_field_per_size_and_topology() {
             "delivered_pct",
             "coordinator_cpu_ms",
             "floor_p50_ms",
+            "floor_coordinator_cpu_ms",
         ] {
             assert!(l[f].is_number(), "{f} missing in {l}");
         }

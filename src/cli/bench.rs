@@ -126,19 +126,23 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
             pops.push(Population::start(&exe, n, topo == "hybrid", &a)?);
         }
         let mut floor_times = Vec::with_capacity(a.rounds);
+        let mut floor_cpu = Duration::ZERO;
         let floor0 = children_cpu(&floor.children.0);
         for p in &mut pops {
             p.begin();
         }
         for r in 0..a.rounds {
             interrupted()?;
+            let c0 = shoal::sys::cpu_time();
             floor_times.push(floor.round()?);
+            floor_cpu += shoal::sys::cpu_time() - c0;
             let k = pops.len();
             for i in 0..k {
                 pops[(r + i) % k].round(a.timeout)?;
             }
         }
         let floor_agents_cpu_ms = per_round(floor0, children_cpu(&floor.children.0), a.rounds);
+        let floor_cpu_ms = floor_cpu.as_secs_f64() * 1000.0 / a.rounds.max(1) as f64;
         floor_times.sort_by(f64::total_cmp);
         let floor_p50 = percentile(&floor_times, 0.5);
         let results: Vec<Rounds> = pops
@@ -165,6 +169,7 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
                     "coordinator_cpu_ms": round2(r.cpu_ms),
                     "coordinator_messages": r.messages,
                     "floor_p50_ms": round2(floor_p50),
+                    "floor_coordinator_cpu_ms": round2(floor_cpu_ms),
                     "ratio_to_floor": round2(p50 / floor_p50),
                     "p50_vs_flat": vs_flat.map(round2),
                     "agents_cpu_ms": r.agents_cpu_ms.map(round2),
@@ -174,7 +179,7 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
                 super::out(&format!("{v}\n"))?;
             } else {
                 super::out(&format!(
-                    "{n:>5} agents {topo:<6}: p50 {p50:7.2} ms  p95 {p95:7.2} ms  delivered {:6.2}%  coordinator {:6.2} ms CPU, {} messages/round  | floor p50 {floor_p50:6.2} ms  ({:.2}x){}{}{}\n",
+                    "{n:>5} agents {topo:<6}: p50 {p50:7.2} ms  p95 {p95:7.2} ms  delivered {:6.2}%  coordinator {:6.2} ms CPU, {} messages/round  | floor p50 {floor_p50:6.2} ms  ({:.2}x){}, coordinator {floor_cpu_ms:.2} ms CPU{}{}\n",
                     r.delivered_pct,
                     r.cpu_ms,
                     r.messages,
