@@ -539,8 +539,8 @@ pub struct Dedup {
 /// is what every receive of a broadcast pays for: an echo agent answering a round's request
 /// ran 52k instructions per message keeping 64 ids, 30k keeping 16, against 17k for a plain
 /// request (`scripts/echo-footprint.sh --hybrid`); 21.6k against 14.6k since strings are
-/// checked for escapes a word at a time. Past it, a copy written again is delivered twice,
-/// never dropped.
+/// checked for escapes a word at a time, 19.8k against 12.7k with the compact state (v2).
+/// Past it, a copy written again is delivered twice, never dropped.
 const FANOUT_MEMORY: usize = 16;
 /// Sequences delivered ahead remembered per pair (the oldest are forgotten past this).
 const AHEAD_MEMORY: usize = 4096;
