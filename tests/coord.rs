@@ -822,4 +822,17 @@ fn r4_bench_round_reports_every_field_per_size_and_topology() {
         .unwrap();
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("unknown topology"));
+    let o = std::process::Command::new(common::bin())
+        .args([
+            "bench",
+            "round",
+            "--agents",
+            "5",
+            "--topology",
+            "flat,hybrid,flat",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("listed twice"), "{}", stderr(&o));
 }

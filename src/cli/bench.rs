@@ -105,9 +105,13 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
             .context("cannot handle signals")?;
     }
     let exe = std::env::current_exe().context("cannot find the shoal executable")?;
-    for t in &a.topology {
+    for (i, t) in a.topology.iter().enumerate() {
         if t != "flat" && t != "hybrid" {
             bail!("unknown topology {t:?} (flat or hybrid)");
+        }
+        // Each topology's agents run in a scratch root named after it, all at once.
+        if a.topology[..i].contains(t) {
+            bail!("topology {t:?} is listed twice");
         }
     }
     for &n in &a.agents {
