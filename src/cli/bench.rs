@@ -146,7 +146,7 @@ fn round(_ctx: &Ctx, a: RoundArgs) -> anyhow::Result<Exit> {
             }
         }
         let floor_agents_cpu_ms = per_round(floor0, children_cpu(&floor.children.0), a.rounds);
-        let floor_cpu_ms = floor_cpu.as_secs_f64() * 1000.0 / a.rounds.max(1) as f64;
+        let floor_cpu_ms = ms_per_round(floor_cpu, a.rounds);
         floor_times.sort_by(f64::total_cmp);
         let floor_p50 = percentile(&floor_times, 0.5);
         let results: Vec<Rounds> = pops
@@ -225,9 +225,14 @@ struct Rounds {
     hubs_cpu_ms: Option<f64>,
 }
 
+/// `d` spread over `rounds`, in milliseconds.
+fn ms_per_round(d: Duration, rounds: usize) -> f64 {
+    d.as_secs_f64() * 1000.0 / rounds.max(1) as f64
+}
+
 /// CPU per round between two readings, in milliseconds.
 fn per_round(c0: Option<Duration>, c1: Option<Duration>, rounds: usize) -> Option<f64> {
-    Some((c1? - c0?).as_secs_f64() * 1000.0 / rounds.max(1) as f64)
+    Some(ms_per_round(c1? - c0?, rounds))
 }
 
 /// One topology's agents for one size: `n` echo agents (and hubs) in a root of their own and
@@ -307,14 +312,7 @@ impl Population {
         // Warm-up: the agents are starting; wait until a round is complete.
         let start = Instant::now();
         loop {
-            let r = p.mesh.gather_with(
-                &p.coord,
-                "ping",
-                &p.payload,
-                None,
-                Duration::from_secs(10),
-                &mut p.waiter,
-            )?;
+            let r = p.gather(Duration::from_secs(10))?;
             if r.complete() {
                 break;
             }
@@ -338,9 +336,8 @@ impl Population {
         );
     }
 
-    /// One timed round.
-    fn round(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let c0 = shoal::sys::cpu_time();
+    /// One round, untimed.
+    fn gather(&mut self, timeout: Duration) -> anyhow::Result<shoal::coord::RoundReport> {
         let r = self.mesh.gather_with(
             &self.coord,
             "ping",
@@ -349,6 +346,13 @@ impl Population {
             timeout,
             &mut self.waiter,
         )?;
+        Ok(r)
+    }
+
+    /// One timed round.
+    fn round(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let c0 = shoal::sys::cpu_time();
+        let r = self.gather(timeout)?;
         self.cpu += shoal::sys::cpu_time() - c0;
         self.times.push(r.elapsed.as_secs_f64() * 1000.0);
         self.replied += r.replies.len();
@@ -387,7 +391,7 @@ impl Population {
             } else {
                 100.0 * self.replied as f64 / self.expected as f64
             },
-            cpu_ms: self.cpu.as_secs_f64() * 1000.0 / rounds.max(1) as f64,
+            cpu_ms: ms_per_round(self.cpu, rounds),
             messages: self.messages,
             agents_cpu_ms,
             hubs_cpu_ms,
